@@ -1,0 +1,85 @@
+"""A run's first views: a quality-vs-latency plot per model and a Markdown table (the full
+report with Pareto frontiers and the leaderboard is built on the same results table)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench.registry import METRICS  # noqa: E402
+
+
+def primary_metric(df: pd.DataFrame) -> str:
+    for m in ("fid", "exact_mse", "kid", "swd", "class_acc"):
+        if m in df.columns and df[m].notna().any():
+            return m
+    raise ValueError("the results hold no metric to plot")
+
+
+def config_label(r: pd.Series) -> str:
+    knobs = json.loads(r["knobs"]) if isinstance(r["knobs"], str) else {}
+    extra = ",".join(f"{k}={v}" for k, v in knobs.items() if v not in (0.0, True, False, None))
+    return f"{r['method']}{'[' + extra + ']' if extra else ''}"
+
+
+def plot_quality_vs_latency(df: pd.DataFrame, path: Path) -> Path:
+    ok = df[df["status"] == "ok"]
+    metric = primary_metric(ok)
+    models = sorted(ok["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        sub = ok[ok["model"] == model]
+        for (label, g), grp in sub.assign(label=sub.apply(config_label, axis=1)).groupby(["label", "guidance"]):
+            grp = grp.sort_values("latency_per_image_s")
+            yerr = [grp[metric] - grp[f"{metric}_ci_low"], grp[f"{metric}_ci_high"] - grp[metric]]
+            ax.errorbar(1e3 * grp["latency_per_image_s"], grp[metric], yerr=yerr, marker="o", capsize=2, label=f"{label} w={g:g}")
+            for _, r in grp.iterrows():
+                ax.annotate(
+                    str(int(r["steps"])),
+                    (1e3 * r["latency_per_image_s"], r[metric]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        better = "lower" if not METRICS.entry(metric).meta["higher_is_better"] else "higher"
+        ax.set(xlabel="latency per image (ms, median)", ylabel=f"{metric} ({better} is better)", title=model)
+        if metric in ("exact_mse", "swd"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("quality against latency (numbers: steps; bars: 95% bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    metrics = [c for c in df.columns if f"{c}_ci_low" in df.columns]
+    cols = ["model", "method", "steps", "guidance", "nfe", "latency_per_image_s", "flops"]
+    lines = ["| " + " | ".join(cols + metrics + ["status"]) + " |", "|" + "---|" * (len(cols) + len(metrics) + 1)]
+    for _, r in df.iterrows():
+        cells = [str(r["model"]), config_label(r), str(r["steps"]), f"{r['guidance']:g}"]
+        if r["status"] == "ok":
+            cells += [f"{r['nfe']:g}", f"{1e3 * r['latency_per_image_s']:.2f} ms", f"{r['flops'] / 1e6:.1f} M"]
+            cells += [
+                f"{r[m]:.4g} [{r[m + '_ci_low']:.3g}, {r[m + '_ci_high']:.3g}]" if pd.notna(r[m]) else "missing" for m in metrics
+            ]
+        else:
+            cells += ["-"] * (3 + len(metrics))
+        lines.append("| " + " | ".join(cells + [str(r["status"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir: Path) -> tuple[Path, Path]:
+    df = pd.read_parquet(run_dir / "results.parquet")
+    png = plot_quality_vs_latency(df, run_dir / "quality_vs_latency.png")
+    md = run_dir / "table.md"
+    md.write_text(f"# {run_dir.parent.name} / {run_dir.name}\n\n" + markdown_table(df))
+    return png, md

@@ -1,0 +1,3 @@
+"""Training-free ODE/SDE solvers."""
+
+from methods.solvers import ddim, dpmpp_2m, euler  # noqa: F401
