@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/bench run quick
+	# run the quick suite, then always write its report (reports/<run-id>/index.html); keep the run's exit code
+	run=$$(date +%Y%m%d-%H%M%S); $(BIN)/bench run quick --run-id $$run; rc=$$?; \
+	$(BIN)/bench report results/quick/$$run && exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -83,9 +84,105 @@ def median_iqr(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), q[2] - q[0]
 
 
+def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+    """Start a new peak-memory window: the CUDA allocator's peak, or on Linux the process's peak
+    RSS (VmHWM, reset through /proc/self/clear_refs); elsewhere the process-lifetime peak remains."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
-    """Peak allocator memory on CUDA; the process's peak RSS on CPU."""
+    """Peak allocator memory on CUDA; the process's peak RSS on CPU (since the last
+    :func:`reset_peak_memory` where the OS allows resetting it)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    hwm = _vm_hwm()
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class _ParamUse(TorchFunctionMode):
+    """Calls ``seen(name)`` whenever a torch function receives a parameter registered in ``owner``."""
+
+    def __init__(self, owner: dict[int, str], seen: Callable[[str], None]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.seen = seen
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, nn.Parameter) and id(a) in self.owner:
+                self.seen(self.owner[id(a)])
+        return func(*args, **kwargs)
+
+
+@dataclass
+class UnitCounter:
+    """Counts the units (blocks, attention/MLP layers) a cache really computed.
+
+    ``called`` counts entries into a unit's ``__call__``; a call counts in ``computed`` when one
+    of the unit's own parameters is then used by a torch function (a ``TorchFunctionMode`` watches
+    the weights). A cache hook that returns a stored output enters the unit but uses none of its
+    weights, so it is called and not computed; a skipped block that is never entered counts in
+    neither (pass ``expected`` calls yourself). The mode costs Python overhead per op: count in
+    a separate pass, never inside a timed one. ``fraction`` = computed / called.
+    """
+
+    units: dict[str, nn.Module]
+    called: int = 0
+    computed: int = 0
+    per_unit: dict[str, int] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list)
+    _armed: dict[str, bool] = field(default_factory=dict)
+    _mode: Any = None
+
+    def _seen(self, name: str) -> None:
+        if self._armed.get(name):
+            self._armed[name] = False
+            self.computed += 1
+            self.per_unit[name] += 1
+
+    def __enter__(self) -> UnitCounter:
+        owner: dict[int, str] = {}
+        for name, unit in self.units.items():
+            self.per_unit.setdefault(name, 0)
+            owner.update({id(p): name for p in unit.parameters()})
+
+            def enter(module: nn.Module, args: tuple, name: str = name) -> None:
+                self.called += 1
+                self._armed[name] = True
+
+            self._handles.append(unit.register_forward_pre_hook(enter))
+        self._mode = _ParamUse(owner, self._seen)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def fraction(self) -> float:
+        return self.computed / self.called if self.called else 1.0

@@ -8,6 +8,7 @@ schedule. Notation: ``x_t = alpha_t * x0 + sigma_t * eps``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,11 +27,12 @@ def ddpm_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_e
 
 @dataclass(frozen=True)
 class VPSchedule:
-    """Discrete variance-preserving (DDPM) schedule; native time t in [0, T-1] (float allowed).
+    """Discrete variance-preserving (DDPM) schedule; native time t in [-1, T-1] (float allowed).
 
     Between integer steps sigma/alpha is interpolated linearly in t, as diffusers'
     EulerDiscreteScheduler does, so a fractional timestep means the same noise level to the
-    model and to the scheduler.
+    model and to the scheduler. t = -1 is clean data (alpha_cumprod = 1, DDIM's final step), so
+    t in [-1, 0] reaches sigma = 0 continuously (solver grids that refine down to sigma = 0).
     """
 
     betas: tuple[float, ...]
@@ -48,12 +50,18 @@ class VPSchedule:
     def alphas_cumprod(self) -> np.ndarray:
         return np.cumprod(1.0 - np.asarray(self.betas, dtype=np.float64))
 
+    @functools.cached_property
+    def _sigma_ve(self) -> torch.Tensor:
+        """sigma/alpha at t = -1, 0, ..., T-1 (index 0 is t = -1), computed once."""
+        ab = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64)
+        return torch.cat([ab.new_zeros(1), ((1 - ab) / ab).sqrt()])
+
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ab = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64, device=t.device)
-        sigma_ve = ((1 - ab) / ab).sqrt()
-        tt = t.to(torch.float64).clamp(0, len(ab) - 1)
+        sigma_ve = self._sigma_ve.to(t.device)
+        T = len(self.betas)
+        tt = t.to(torch.float64).clamp(-1, T - 1) + 1
         lo = tt.floor().long()
-        hi = (lo + 1).clamp(max=len(ab) - 1)
+        hi = (lo + 1).clamp(max=T)
         frac = tt - lo
         s = sigma_ve[lo] * (1 - frac) + sigma_ve[hi] * frac
         alpha = 1 / (1 + s**2).sqrt()

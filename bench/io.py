@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -1,17 +1,25 @@
-"""The local runner: expand a suite, run each job with outside accounting, score, store rows.
+"""The runner: expand a suite, run each job with outside accounting, score, store rows.
 
-Finished jobs are written atomically under ``results/<suite>/<run-id>/jobs/<job-id>/`` and
-skipped when the run is resumed, so no finished work is lost.
+``run_job`` runs one job inside a worker; ``run_suite`` is the driver: it farms jobs to an
+executor (bench/executors.py: local or Ray) and is the single writer of results. Finished jobs
+are written atomically under ``results/<suite>/<run-id>/jobs/<job-id>/`` and into the
+content-addressed job store (bench/store.py), so a resumed run skips them and a re-run of an
+unchanged suite copies them instead of computing them again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import inspect
 import json
+import os
 import platform
 import subprocess
 import sys
-import traceback
+import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +29,15 @@ import torch
 from tqdm import tqdm
 
 import bench
-from bench.accounting import ForwardCounter, flops_of, median_iqr, peak_memory_bytes, timed
+from bench.accounting import ForwardCounter, flops_of, median_iqr, peak_memory_bytes, reset_peak_memory, timed
+from bench.executors import EXECUTORS, Executor, ExecutorError, ModelCache, Task, make_executor
 from bench.io import atomic_write, write_json
 from bench.metrics import MetricContext
-from bench.models import ModelBundle, build_model
+from bench.models import ModelBundle
 from bench.paths import REPO
 from bench.registry import METHODS, METRICS
 from bench.seeds import generators, noise
+from bench.store import JobStore, content_key, link_or_copy
 from bench.suite import Job, Suite, expand
 
 RESULTS = REPO / "results"
@@ -49,19 +59,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-class ModelCache:
-    """Builds each (model, options) once per process."""
-
-    def __init__(self) -> None:
-        self._m: dict[str, ModelBundle] = {}
-
-    def get(self, job: Job) -> ModelBundle:
-        key = json.dumps([job.model.name, job.model.options], sort_keys=True)
-        if key not in self._m:
-            self._m[key] = build_model(job.model.name, **job.model.options)
-        return self._m[key]
-
-
 def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") -> tuple[dict[str, Any], torch.Tensor]:
     """Sample, account and score one job; returns its row (no run-level columns) and samples."""
     cls = METHODS.get(job.method)
@@ -78,6 +75,7 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
         cond = labels[lo:hi].to(device) if labels is not None else None
         return sampler(z, cond, job.guidance, gens)
 
+    reset_peak_memory(device)
     for _ in range(suite.warmup):
         call(0, min(bs, n))
     outs, times = [], []
@@ -95,6 +93,7 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
             f"{bad} of {n} samples contain NaN/inf ({job.method}, {job.steps} steps, guidance {job.guidance}); "
             "lower the guidance or raise the steps"
         )
+    peak_mem = peak_memory_bytes(device)  # of sampling alone, before FLOP counting and metrics
     nfe = counter.rows / (n * cfg_rows)
     flops = flops_of(lambda: call(0, 1))
     lat, iqr = median_iqr(times)
@@ -114,9 +113,10 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
         "latency_s": lat,
         "latency_iqr_s": iqr,
         "latency_per_image_s": lat / bs,
+        "latency_per_image_iqr_s": iqr / bs,
         "batch_size": bs,
         "timed_batches": len(times),
-        "peak_mem_bytes": peak_memory_bytes(device),
+        "peak_mem_bytes": peak_mem,
         "train_cost_s": method.train_cost()["wall_s"],
         "n_samples": n,
         "seed": job.seed,
@@ -126,9 +126,27 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
     if counter.first_inputs:
         start_x = torch.cat([x for x, _ in counter.first_inputs])
         start_t = float(counter.first_inputs[0][1].flatten()[0])
-    ctx = MetricContext(samples, labels, bundle, start_x, start_t, suite.bootstrap, job.seed)
+    texts = bundle.extra.get("prompts")  # a text-conditioned model: prompt of each condition index
+    prompts = [texts[int(c)] for c in labels] if texts is not None and labels is not None else None
+    ctx = MetricContext(
+        samples,
+        labels,
+        bundle,
+        start_x,
+        start_t,
+        suite.bootstrap,
+        job.seed,
+        prompts=prompts,
+        refset=suite.raw.get("reference_set"),
+        device=device,
+    )
+    row["missing_metrics"] = ""
     for name in suite.metrics + suite.optional_metrics:
         try:
+            if METRICS.entry(name).meta.get("needs_baseline") and ctx.baseline is None:
+                from bench.metrics.fidelity import baseline_samples
+
+                ctx.baseline = baseline_samples(job, bundle, suite, device, own=samples)
             v = METRICS.get(name)(ctx)
             row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = v.value, v.ci_low, v.ci_high
         except Exception as e:
@@ -136,6 +154,7 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
                 raise
             row[name] = row[f"{name}_ci_low"] = row[f"{name}_ci_high"] = None
             row["error"] += f"{name}: {e}; "
+            row["missing_metrics"] += ("," if row["missing_metrics"] else "") + name
     return row, samples
 
 
@@ -169,52 +188,298 @@ def run_record(suite: Suite, run_id: str, command: str) -> dict[str, Any]:
     }
 
 
-def run_suite(
-    suite: Suite, run_id: str | None = None, results_dir: Path = RESULTS, command: str = "", progress: bool = True
-) -> Path:
-    """Run every job of ``suite`` (skipping those already finished in this run); returns the run dir."""
-    run_id = run_id or new_run_id()
-    out = Path(results_dir) / suite.name / run_id
-    jobs, skipped = expand(suite)
-    rec_path = out / "run.json"
-    record = json.loads(rec_path.read_text()) if rec_path.is_file() else run_record(suite, run_id, command)
-    record["skipped_pairs"] = skipped
-    write_json(rec_path, record)
-    models = ModelCache()
-    sha = record["git_sha"]
-    bar = tqdm(jobs, desc=f"{suite.name} {run_id}", unit="job", disable=not progress, file=sys.stderr)
-    failed = 0
-    for job in bar:
+STORE_DIRNAME = ".store"  # the content-addressed job store, under the results root unless --store
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job with its ids: ``job_id`` names it in a run, ``store_key`` in the job store."""
+
+    job: Job
+    job_id: str
+    weights_hash: str
+    store_key: str
+
+
+def _source_file(obj: Any) -> str:
+    obj = inspect.unwrap(obj) if callable(obj) else obj
+    try:
+        return str(inspect.getsourcefile(obj))
+    except TypeError:  # an instance (e.g. a registered metric object): its class's file
+        return str(inspect.getsourcefile(type(obj)))
+
+
+def _file_hash(*objs: Any) -> str:
+    """Hash of the source files defining ``objs`` (a code version)."""
+    h = hashlib.sha256()
+    for f in sorted({_source_file(o) for o in objs}):
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def evaluation_key(suite: Suite, device: str, threads: int) -> dict[str, Any]:
+    """What, besides the job itself (:meth:`Job.key`), determines its row: how it is scored
+    (metrics and their code, bootstrap, references) and timed (batch size, warm-up, harness
+    code, device type, threads per worker: CPU kernels split small batches differently with
+    the thread count, so samples agree bitwise only at equal threads)."""
+    import bench.accounting
+    import bench.metrics
+    import bench.seeds
+
+    names = suite.metrics + suite.optional_metrics
+    return {
+        "metrics": suite.metrics,
+        "optional_metrics": suite.optional_metrics,
+        "metric_code": {n: _file_hash(METRICS.get(n)) for n in names},
+        "bootstrap": suite.bootstrap,
+        "reference": suite.reference,
+        "reference_set": suite.raw.get("reference_set"),
+        "batch_size": suite.batch_size,
+        "warmup": suite.warmup,
+        "harness_code": hashlib.sha256(inspect.getsource(run_job).encode()).hexdigest()[:12]
+        + _file_hash(bench.accounting, bench.seeds, bench.metrics),
+        "device": device.split(":")[0],
+        "threads": threads,
+    }
+
+
+def plan_jobs(
+    suite: Suite, jobs: list[Job], device: str, threads: int, models: ModelCache | None = None
+) -> tuple[list[PlannedJob], int]:
+    """Ids of each job (building each model once for its weights hash); drops jobs whose id
+    repeats (knob values that resolve to the same setting). Returns the jobs and the drop count."""
+    from bench.registry import MODELS
+
+    models = models or ModelCache()
+    ev = evaluation_key(suite, device, threads)
+    planned, seen = [], set()
+    for job in jobs:
         bundle = models.get(job)
         jid = job.job_id(bundle.weights_hash)
-        jdir = out / "jobs" / jid
-        if (jdir / "row.json").is_file():
+        if jid in seen:
             continue
-        bar.set_postfix_str(f"{job.model.label} {job.method} {job.steps} steps w={job.guidance} | failed {failed}")
-        try:
-            row, samples = run_job(job, bundle, suite)
-            atomic_write(jdir / "samples.npy", lambda p, s=samples: np.save(p.open("wb"), s.numpy()))
-        except Exception as e:
-            failed += 1
-            row = {
-                "status": "failed",
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(),
-                "model": job.model.label,
-                "method": job.method,
-                "knobs": json.dumps(dict(job.knobs), sort_keys=True),
-                "steps": job.steps,
-                "guidance": job.guidance,
-                "n_samples": job.n_samples,
-                "seed": job.seed,
-            }
-        row |= {"run_id": run_id, "suite": suite.name, "job_id": jid, "git_sha": sha}
-        write_json(jdir / "row.json", row)
-    bar.close()
+        seen.add(jid)
+        model_code = _file_hash(MODELS.get(job.model.name), type(bundle.denoiser))
+        key = content_key({"job": job.key(bundle.weights_hash), "model_code": model_code, "evaluation": ev})
+        planned.append(PlannedJob(job, jid, bundle.weights_hash, key))
+    return planned, len(jobs) - len(planned)
+
+
+def _read_row(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _job_columns(job: Job) -> dict[str, Any]:
+    return {
+        "model": job.model.label,
+        "method": job.method,
+        "knobs": json.dumps(dict(job.knobs), sort_keys=True),
+        "steps": job.steps,
+        "guidance": job.guidance,
+        "n_samples": job.n_samples,
+        "seed": job.seed,
+    }
+
+
+class _Progress:
+    """The live terminal display: jobs done/total, running, failed, retried, reused, ETA."""
+
+    def __init__(self, desc: str, total: int, initial: int, reused: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="job", disable=not enabled, file=sys.stderr, smoothing=0.1)
+        self.failed = self.retried = 0
+        self.reused = reused
+        self.running = 0
+
+    def show(self, running: int | None = None, advance: int = 0) -> None:
+        if running is not None:
+            self.running = running
+        self.bar.set_postfix_str(
+            f"running {self.running} | failed {self.failed} | retried {self.retried} | reused {self.reused}", refresh=False
+        )
+        self.bar.update(advance) if advance else self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_suite(
+    suite: Suite,
+    run_id: str | None = None,
+    results_dir: Path = RESULTS,
+    command: str = "",
+    progress: bool = True,
+    *,
+    executor: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    address: str | None = None,
+    device: str = "auto",
+    retries: int = 2,
+    fresh: bool = False,
+    store: Path | None = None,
+) -> Path:
+    """Run every job of ``suite`` on ``executor`` (``local`` or ``ray``; default the suite's) and
+    return the run directory ``results_dir/<suite>/<run_id>``.
+
+    Jobs already finished in this run are skipped (``--resume``); jobs finished in any run with
+    the same store key are copied from the job store (``<results_dir>/.store`` unless ``store``)
+    with ``reused`` set, unless ``fresh``. A job whose worker dies is retried up to ``retries``
+    times, then recorded as failed; a job that raises is recorded as failed at once. The driver
+    is the only writer: rows and samples are written atomically as outcomes arrive, so a killed
+    driver loses only the jobs in flight.
+    """
+    t_start = time.perf_counter()
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries}")
+    kind = executor or suite.executor or "local"
+    if kind not in EXECUTORS:
+        raise ExecutorError(f"unknown executor {kind!r}; use one of {', '.join(EXECUTORS)}")
+    run_id = run_id or new_run_id()
+    results_dir = Path(results_dir)
+    out = results_dir / suite.name / run_id
+    jobstore = JobStore(Path(store) if store else results_dir / STORE_DIRNAME)
+    session = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    key_device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    key_threads = threads or (1 if kind == "ray" else torch.get_num_threads())
+    ex: Executor = make_executor(kind, device, workers, threads, address)  # checks the settings; starts nothing
+
+    jobs, skipped = expand(suite)
+    rec_path = out / "run.json"
+    record = _read_row(rec_path) or run_record(suite, run_id, command)
+    record["skipped_pairs"] = skipped
+    planned, duplicates = plan_jobs(suite, jobs, key_device, key_threads)
+    record["duplicate_jobs"] = duplicates
+    sess: dict[str, Any] = {"session": session, "started": dt.datetime.now().isoformat(timespec="seconds"), "command": command}
+    sess |= {"executor": kind, "fresh": fresh, "retries": retries, "store": str(jobstore.root)}
+    record.setdefault("sessions", []).append(sess)
+    write_json(rec_path, record)
+    sha = record["git_sha"]
+    run_cols = {"run_id": run_id, "suite": suite.name, "git_sha": sha}
+
+    done = reused = 0
+    pending: list[PlannedJob] = []
+    for p in planned:
+        jdir = out / "jobs" / p.job_id
+        prev = _read_row(jdir / "row.json")
+        if prev is not None and prev.get("status") == "ok":
+            done += 1
+            continue
+        hit = None if fresh else jobstore.get(p.store_key)
+        if hit is not None and hit.row.get("status") == "ok":
+            if hit.samples is not None:
+                link_or_copy(hit.samples, jdir / "samples.npy")
+            producer = f"{hit.row.get('suite')}/{hit.row.get('run_id')}"
+            row = hit.row | run_cols | {"job_id": p.job_id, "reused": True, "reused_from": producer}
+            row |= {"produced_git_sha": hit.row.get("git_sha", ""), "session": session}
+            write_json(jdir / "row.json", row)
+            reused += 1
+            continue
+        pending.append(p)
+
+    bar = _Progress(f"{suite.name} {run_id}", len(planned), done + reused, reused, progress)
+    started = False
+    computed = failed = retried = 0
+    executions: list[dict[str, Any]] = []
+    t_sweep = t_end = time.perf_counter()
+    try:
+        if pending:
+            started = True
+            ex.start()
+            t_sweep = time.perf_counter()
+            queue = deque(Task(p.job_id, p.job, p.weights_hash) for p in pending)
+            by_id = {p.job_id: p for p in pending}
+            while queue or ex.running():
+                while queue and ex.free_slots():
+                    ex.submit(queue.popleft(), suite)
+                bar.show(running=ex.running())
+                for o in ex.wait(timeout=1.0):  # wakes each second to keep the elapsed time and ETA live
+                    p, attempt = by_id[o.task.job_id], o.task.attempt
+                    node = o.worker.get("node_id", "")
+                    where = {k: o.worker.get(k) for k in ("node_id", "worker_id", "host", "threads")}
+                    where |= {"executor": ex.kind, "workers": ex.workers, "node_workers": ex.node_workers(node)}
+                    where |= {"device_name": o.worker.get("device", ""), "attempts": attempt, "session": session}
+                    log = {"session": session, "job_id": p.job_id, "attempt": attempt, "wall_s": o.wall_s, **where}
+                    jdir = out / "jobs" / p.job_id
+                    if o.ok:
+                        row = o.row | where | run_cols | {"job_id": p.job_id, "reused": False, "reused_from": ""}
+                        row |= {"store_key": p.store_key}
+                        stored = jobstore.put(p.store_key, row, o.samples)
+                        if stored.samples is not None:
+                            link_or_copy(stored.samples, jdir / "samples.npy")
+                        write_json(jdir / "row.json", row)
+                        computed += 1
+                        log |= {"status": "ok", "network_calls": row.get("network_calls")}
+                        bar.show(running=ex.running(), advance=1)
+                    elif o.lost_worker and attempt <= retries:
+                        queue.append(Task(p.job_id, p.job, p.weights_hash, attempt + 1))
+                        retried += 1
+                        bar.retried += 1
+                        log |= {"status": "lost", "error": o.error}
+                    else:
+                        row = _job_columns(p.job) | where | run_cols | {"job_id": p.job_id, "status": "failed"}
+                        row |= {"error": o.error, "traceback": o.traceback, "reused": False, "reused_from": ""}
+                        write_json(jdir / "row.json", row)
+                        failed += 1
+                        bar.failed += 1
+                        log |= {"status": "failed", "error": o.error}
+                        bar.show(running=ex.running(), advance=1)
+                    _append_jsonl(out / "executions.jsonl", log)
+                    executions.append(log)
+            t_end = time.perf_counter()
+    finally:
+        bar.close()
+        ex.close()
     table = collect(out)
     record["finished"] = dt.datetime.now().isoformat(timespec="seconds")
-    record["jobs"] = {"total": len(jobs), "failed": int((table["status"] != "ok").sum()) if len(table) else 0}
+    n_failed = int((table["status"] != "ok").sum()) if len(table) else 0
+    record["jobs"] = {"total": len(planned), "failed": n_failed}
+    record["failed_jobs"] = [
+        {k: r.get(k) for k in ("job_id", "model", "method", "knobs", "steps", "guidance", "error")}
+        for r in table[table["status"] != "ok"].to_dict("records")
+    ] if len(table) else []  # fmt: skip
+    sess |= {
+        "finished": record["finished"],
+        "already_done": done,
+        "reused": reused,
+        "computed": computed,
+        "failed": failed,
+        "retried": retried,
+        "executor": ex.describe() if started else {"kind": kind, "started": False},
+        "sweep_s": t_end - t_sweep,
+        "total_s": time.perf_counter() - t_start,
+        "network_calls": sum(e.get("network_calls") or 0 for e in executions),
+    }
+    record["sessions"][-1] = sess
+    record["executor"] = sess["executor"]
     write_json(rec_path, record)
+    return out
+
+
+def _append_jsonl(path: Path, obj: dict[str, Any]) -> None:
+    """One line per execution attempt (the driver is the only writer; a line is one write). A
+    line torn by a killed driver is closed first, so it cannot swallow the next one."""
+    line = json.dumps(obj, sort_keys=True, default=str) + "\n"
+    with open(path, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
+
+
+def read_executions(run_dir: Path) -> list[dict[str, Any]]:
+    """Every execution attempt of a run, across sessions (a torn last line is ignored)."""
+    out = []
+    p = Path(run_dir) / "executions.jsonl"
+    if p.is_file():
+        for line in p.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     return out
 
 

@@ -36,7 +36,10 @@ KEYS = {
     "metrics": "list of metric names",
     "optional_metrics": "list of metric names recorded as missing (not failed) when they cannot run",
     "timing": "{warmup: int}",
-    "executor": "local",
+    "executor": "local or ray (bench run --executor overrides it)",
+    "reference_set": "name of the real-image reference set of fid_inception/kid_inception/cmmd (see `bench ref list`)",
+    "reference": "{method, steps, guidance[, knobs][, model]} or a list of them: the reference configuration for "
+    "speedup at matched quality in reports (default: the highest-NFE training-free solver)",
 }
 
 
@@ -82,6 +85,7 @@ class Suite:
     warmup: int = 1
     description: str = ""
     executor: str = "local"
+    reference: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> dict[str, Any]:
@@ -289,8 +293,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
         problems.append(f"timing.warmup: expected an int >= 0, got {warmup!r}")
         warmup = 1
     executor = typed("executor", str, "local")
-    if executor != "local":
-        problems.append(f"executor: {executor!r} is not available; use 'local'")
+    if executor not in ("local", "ray"):
+        problems.append(f"executor: {executor!r} is not available; use 'local' or 'ray'")
 
     suite = Suite(
         name=typed("name", str, path.stem),
@@ -308,12 +312,41 @@ def load_suite(name_or_path: str | Path) -> Suite:
         warmup=warmup,
         description=typed("description", str, ""),
         executor=executor,
+        reference=_reference(raw.get("reference"), problems),
         raw=raw,
     )
     problems += _cross_checks(suite)
     if problems:
         raise SuiteError(str(path), problems)
     return suite
+
+
+def _reference(value: Any, problems: list[str]) -> list[dict[str, Any]]:
+    """The suite's ``reference:`` entry as a list of mappings (checked: keys, types, method name)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for i, d in enumerate(items):
+        where = f"reference[{i}]" if isinstance(value, list) else "reference"
+        if not isinstance(d, dict):
+            problems.append(f"{where}: expected a mapping {{method, steps, guidance[, knobs][, model]}}, got {d!r}")
+            continue
+        bad = sorted(set(d) - {"method", "steps", "guidance", "knobs", "model"})
+        if bad:
+            problems.append(f"{where}.{bad[0]}: unknown key; use method, steps, guidance, knobs, model")
+            continue
+        if "method" in d and d["method"] not in METHODS:
+            problems.append(f"{where}.method: {UnknownNameError('method', str(d['method']), METHODS.names())}")
+            continue
+        if "steps" in d and (not isinstance(d["steps"], int) or isinstance(d["steps"], bool)):
+            problems.append(f"{where}.steps: expected an int, got {d['steps']!r}")
+            continue
+        if "guidance" in d and (not isinstance(d["guidance"], int | float) or isinstance(d["guidance"], bool)):
+            problems.append(f"{where}.guidance: expected a number, got {d['guidance']!r}")
+            continue
+        out.append(dict(d))
+    return out
 
 
 def _cross_checks(suite: Suite) -> list[str]:

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from bench.registry import METRICS  # noqa: E402
 
@@ -83,3 +84,24 @@ def write_summary(run_dir: Path) -> tuple[Path, Path]:
     md = run_dir / "table.md"
     md.write_text(f"# {run_dir.parent.name} / {run_dir.name}\n\n" + markdown_table(df))
     return png, md
+
+
+def labelled_grid(images: torch.Tensor, labels: list[str], path: Path, title: str, per_row: int) -> Path:
+    """Save [-1,1] images (N,1,H,W) as a grid, ``per_row`` per row, each row labelled."""
+    from bench.data import to_uint8
+
+    rows = (len(images) + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 0.8, rows * 0.85), squeeze=False)
+    pix = to_uint8(images)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i < len(pix):
+            ax.imshow(pix[i, ..., 0], cmap="gray", vmin=0, vmax=255)
+        if i % per_row == 0:
+            ax.set_ylabel(labels[i // per_row], rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,4 +1,5 @@
-"""Offline image metrics on the digits classifier: FID, KID (as clean-fid computes them), class adherence."""
+"""Offline image metrics on the digits classifier (the embedded tier's stand-in for Inception):
+FID and KID (as clean-fid computes them), precision/recall, Inception Score, class adherence."""
 
 from __future__ import annotations
 
@@ -6,12 +7,23 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from cleanfid.fid import frechet_distance, kernel_distance
 
 from bench.data import digits
-from bench.metrics import MetricContext, MetricValue, percentile_ci, register_metric
+from bench.metrics import MetricContext, Statistic, register_metric
+from bench.metrics.formulas import (
+    FrechetToReference,
+    fid_from_features,
+    inception_score,
+    kid_from_features,
+    knn_radii,
+    manifold_hits,
+)
 
 FEATURES = "digits-features (committed: bench/assets/digits-features.safetensors)"
+REFERENCE = "digits-train"
+K = 3  # nearest neighbours of the precision/recall manifolds (Kynkäänniemi et al. 2019)
+
+__all__ = ["fid_from_features", "kid_from_features", "features_and_probs", "reference_features", "classifier"]
 
 
 @lru_cache(maxsize=1)
@@ -22,8 +34,7 @@ def classifier() -> torch.nn.Module:
 
 
 @torch.no_grad()
-def features_and_probs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """64-d penultimate features (float64) and class probabilities of [-1,1] images."""
+def _raw_features_and_probs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     net = classifier()
     x = images.float().clamp(-1, 1)
     feats, probs = [], []
@@ -34,10 +45,29 @@ def features_and_probs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return torch.cat(feats).double().numpy(), torch.cat(probs).double().numpy()
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)
+def feature_scale() -> float:
+    """One fixed divisor that gives the training digits' features mean |f|^2 / d = 1.
+
+    KID's cubic kernel (x.y/d + 1)^3 assumes features of order one (as Inception's are); the
+    raw ReLU features here are much larger, which made KID's variance swamp its value.
+    """
+    f = _raw_features_and_probs(digits("train")[0])[0]
+    return float(np.sqrt((f**2).sum(1).mean() / f.shape[1]))
+
+
+@torch.no_grad()
+def features_and_probs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """64-d penultimate features (float64, scaled by ``feature_scale``) and class probabilities."""
+    f, p = _raw_features_and_probs(images)
+    return f / feature_scale(), p
+
+
 def reference_features(split: str = "train") -> np.ndarray:
     """Features of the real digits the teachers were trained on (the FID reference set)."""
-    return features_and_probs(digits(split)[0])[0]
+    from bench.metrics.refs import load
+
+    return load(f"digits-{split}", "digits").feats
 
 
 def _gen(ctx: MetricContext) -> tuple[np.ndarray, np.ndarray]:
@@ -46,19 +76,10 @@ def _gen(ctx: MetricContext) -> tuple[np.ndarray, np.ndarray]:
     return ctx.cache["digits_feats"]
 
 
-def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (clean-fid's formula)."""
-    return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+def _ref(ctx: MetricContext):
+    from bench.metrics.refs import load
 
-
-def kid_from_features(a: np.ndarray, b: np.ndarray, seed: int = 0, num_subsets: int = 100) -> float:
-    """Unbiased cubic-polynomial-kernel MMD^2 (KID) by clean-fid, its subset draws seeded."""
-    state = np.random.get_state()  # clean-fid draws subsets from numpy's global generator
-    np.random.seed(seed)
-    try:
-        return kernel_distance(a, b, num_subsets=num_subsets)
-    finally:
-        np.random.set_state(state)
+    return load(REFERENCE, "digits")
 
 
 @register_metric(
@@ -69,9 +90,10 @@ def kid_from_features(a: np.ndarray, b: np.ndarray, seed: int = 0, num_subsets: 
     weights=FEATURES,
     description="Fréchet distance of digits-classifier features to the training digits",
 )
-def fid(ctx: MetricContext) -> MetricValue:
-    gen, ref = _gen(ctx)[0], reference_features()
-    return percentile_ci(lambda idx: fid_from_features(gen[idx], ref), len(gen), ctx)
+def fid(ctx: MetricContext) -> Statistic:
+    gen, ref = _gen(ctx)[0], _ref(ctx)
+    fid_to_ref = FrechetToReference(ref.mu, ref.sigma)
+    return Statistic(lambda idx: fid_to_ref(gen[idx]), len(gen), (0.0, np.inf))
 
 
 @register_metric(
@@ -82,9 +104,9 @@ def fid(ctx: MetricContext) -> MetricValue:
     weights=FEATURES,
     description="kernel inception distance (x1e3) on digits-classifier features",
 )
-def kid(ctx: MetricContext) -> MetricValue:
-    gen, ref = _gen(ctx)[0], reference_features()
-    return percentile_ci(lambda idx: 1e3 * kid_from_features(gen[idx], ref, ctx.seed, num_subsets=20), len(gen), ctx)
+def kid(ctx: MetricContext) -> Statistic:
+    gen, ref = _gen(ctx)[0], _ref(ctx).feats
+    return Statistic(lambda idx: 1e3 * kid_from_features(gen[idx], ref, ctx.seed, num_subsets=20), len(gen))
 
 
 @register_metric(
@@ -95,8 +117,70 @@ def kid(ctx: MetricContext) -> MetricValue:
     weights=FEATURES,
     description="fraction of samples the digits classifier assigns to the class they were conditioned on",
 )
-def class_acc(ctx: MetricContext) -> MetricValue:
+def class_acc(ctx: MetricContext) -> Statistic:
     if ctx.labels is None:
         raise ValueError("class_acc needs class-conditional samples (labels)")
     hit = (_gen(ctx)[1].argmax(1) == ctx.labels.numpy()).astype(np.float64)
-    return percentile_ci(lambda idx: hit[idx].mean(), len(hit), ctx)
+    return Statistic(lambda idx: hit[idx].mean(), len(hit), (0.0, 1.0))
+
+
+def precision_statistic(gen: np.ndarray, ref: np.ndarray, k: int = K) -> Statistic:
+    """Precision as a mean over generated samples of 'inside the real manifold' (fixed by the
+    reference set), so its bootstrap is over samples."""
+    hit = manifold_hits(ref, knn_radii(ref, k), gen).astype(np.float64)
+    return Statistic(lambda idx: hit[idx].mean(), len(gen), (0.0, 1.0))
+
+
+def recall_statistic(gen: np.ndarray, ref: np.ndarray, k: int = K) -> Statistic:
+    """Recall: the fraction of real points inside the manifold of the generated set. A resample's
+    manifold is built from its distinct samples (a repeated point would shrink k-NN radii to 0);
+    a resample with k or fewer distinct samples has no manifold and is left out (NaN)."""
+    knn_radii(gen, k)  # the full set must have a manifold: a clear error otherwise
+
+    def stat(idx: np.ndarray) -> float:
+        g = gen[np.unique(idx)]
+        if len(g) <= k:
+            return float("nan")
+        return float(manifold_hits(g, knn_radii(g, k), ref).mean())
+
+    return Statistic(stat, len(gen), (0.0, 1.0))
+
+
+def inception_score_statistic(probs: np.ndarray) -> Statistic:
+    return Statistic(lambda idx: inception_score(probs[idx]), len(probs), (1.0, float(probs.shape[1])))
+
+
+@register_metric(
+    "precision",
+    higher_is_better=True,
+    data="image",
+    consumes=("images", "reference:digits-train"),
+    weights=FEATURES,
+    description="improved precision (k=3 NN manifolds) of digits-classifier features against the training digits",
+)
+def precision(ctx: MetricContext) -> Statistic:
+    return precision_statistic(_gen(ctx)[0], _ref(ctx).feats)
+
+
+@register_metric(
+    "recall",
+    higher_is_better=True,
+    data="image",
+    consumes=("images", "reference:digits-train"),
+    weights=FEATURES,
+    description="improved recall (k=3 NN manifolds) of digits-classifier features against the training digits",
+)
+def recall(ctx: MetricContext) -> Statistic:
+    return recall_statistic(_gen(ctx)[0], _ref(ctx).feats)
+
+
+@register_metric(
+    "inception_score",
+    higher_is_better=True,
+    data="image",
+    consumes=("images",),
+    weights=FEATURES,
+    description="Inception Score computed with the digits classifier's class probabilities (at most 10)",
+)
+def inception_score_digits(ctx: MetricContext) -> Statistic:
+    return inception_score_statistic(_gen(ctx)[1])

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.adapter import Knob, MethodAdapter, Sampler, register_method
-from bench.denoiser import Denoiser
-from bench.models import ModelBundle
+from bench.adapter import Knob, register_method
+from methods.solvers.base import SCHEDULE_KNOBS, VP_KINDS, GridSolver
+from methods.solvers.core import Callback, Grid, ODEModel, ancestral_sigma, noise_like, notify
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
@@ -23,45 +23,35 @@ def trailing_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
 
 @torch.no_grad()
 def sample_ddim(
-    denoiser: Denoiser,
+    model: ODEModel,
     x: torch.Tensor,
-    timesteps: np.ndarray,
-    cond: torch.Tensor | None = None,
-    guidance: float = 1.0,
+    grid: Grid,
     eta: float = 0.0,
     generators: list[torch.Generator] | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DDIM over the given descending native timesteps, ending at sigma = 0."""
-    for i, t in enumerate(timesteps):
-        a_t, s_t = denoiser.alpha_sigma(float(t), x)
-        x0, eps = denoiser.x0_eps(x, float(t), denoiser(x, float(t), cond, guidance))
-        if i + 1 == len(timesteps):
-            return x0
-        a_s, s_s = denoiser.alpha_sigma(float(timesteps[i + 1]), x)
-        c = eta * ((s_s**2 / s_t**2) * (1 - a_t**2 / a_s**2)).clamp(min=0).sqrt()
-        x = a_s * x0 + (s_s**2 - c**2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            assert generators is not None, "stochastic DDIM needs per-sample generators"
-            z = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generators])
-            x = x + c * z
+    """DDIM over the grid (Song et al. 2021, Eq. 12), ending at sigma = 0."""
+    for i in range(grid.steps):
+        x0, eps = model(x, grid.t[i])
+        notify(callback, i=i, t=grid.t[i], x=x, x0=x0, eps=eps)
+        a_s, s_s = float(grid.alpha[i + 1]), float(grid.sigma[i + 1])
+        c = eta * ancestral_sigma(grid, i)
+        x = a_s * x0 + (max(s_s**2 - c**2, 0.0) ** 0.5) * eps
+        if c > 0:
+            x = x + c * noise_like(x, generators)
     return x
 
 
 @register_method
-class DDIM(MethodAdapter):
+class DDIM(GridSolver):
     name = "ddim"
-    family = "solver"
-    training = "free"
     paper = "Song et al. 2021, Denoising Diffusion Implicit Models, arXiv 2010.02502"
-    applies_to = ("eps", "v", "x0")
+    applies_to = VP_KINDS
     description = "DDIM; eta = 0 deterministic (Euler on the eps-ODE), eta = 1 DDPM-like ancestral"
-    knobs = (Knob("eta", float, 0.0, "stochasticity: 0 deterministic, 1 DDPM posterior variance", low=0.0, high=1.0),)
+    knobs = (
+        *SCHEDULE_KNOBS,
+        Knob("eta", float, 0.0, "stochasticity: 0 deterministic, 1 DDPM posterior variance", low=0.0, high=1.0),
+    )
 
-    def prepare(self, bundle: ModelBundle, steps: int) -> Sampler:
-        self.check(bundle)
-        ts = trailing_timesteps(bundle.denoiser.schedule.num_train_timesteps, steps)
-
-        def sampler(noise, cond, guidance, generators):
-            return sample_ddim(bundle.denoiser, noise, ts, cond, guidance, self.config["eta"], generators)
-
-        return sampler
+    def sample(self, model, x, grid, generators):
+        return sample_ddim(model, x, grid, self.config["eta"], generators)

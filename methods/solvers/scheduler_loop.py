@@ -1,4 +1,9 @@
-"""The one sampling loop shared by every solver that wraps a diffusers scheduler."""
+"""The sampling loop for a diffusers scheduler stepped over a denoiser.
+
+No registered solver uses it any more (they are plain functions in this package, see ``core.py``
+for why); it is the reference the tests compare those functions with, and the way to wrap a
+diffusers scheduler that has no counterpart here.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,47 @@ from typing import Any, ClassVar
 import torch
 
 from bench.adapter import MethodAdapter, Sampler
-from bench.denoiser import FlowSchedule, VPSchedule
+from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
 from bench.models import ModelBundle
 
 PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample", "flow": "flow_prediction"}
 
 
-class SchedulerSolver(MethodAdapter):
-    """A solver that is a diffusers scheduler stepped over the denoiser.
+def vp_scheduler_config(denoiser: Denoiser) -> dict[str, Any]:
+    """The settings that make a diffusers VP scheduler use this model's betas and trailing spacing."""
+    sch = denoiser.schedule
+    assert isinstance(sch, VPSchedule)
+    return {
+        "num_train_timesteps": sch.num_train_timesteps,
+        "trained_betas": list(sch.betas),
+        "prediction_type": PREDICTION_TYPE[denoiser.kind],
+        "timestep_spacing": "trailing",
+    }
 
-    VP models get the model's own betas and trailing timestep spacing (every solver starts at
-    the noisiest training step, so all share one exact ODE target on ``gmm``); flow models get
-    ``flow_scheduler_cls`` (or the VP class with flow sigmas, see ``flow_kwargs``).
-    """
+
+@torch.no_grad()
+def run_scheduler(
+    sched: Any,
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    generators: list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Step a scheduler (``set_timesteps`` already called) from ``noise`` to the data."""
+    takes_gen = "generator" in inspect.signature(sched.step).parameters
+    x = noise * getattr(sched, "init_noise_sigma", 1.0)
+    scale = getattr(sched, "scale_model_input", lambda x, t: x)
+    for t in sched.timesteps:
+        out = denoiser(scale(x, t), t, cond, guidance)
+        kw = {"generator": generators} if takes_gen else {}
+        x = sched.step(out, t, x, **kw, return_dict=False)[0]
+    return x
+
+
+class SchedulerSolver(MethodAdapter):
+    """A solver that is a diffusers scheduler stepped over the denoiser (VP: the model's betas and
+    trailing spacing; flow: ``flow_scheduler_cls``)."""
 
     family = "solver"
     training = "free"
@@ -31,52 +64,27 @@ class SchedulerSolver(MethodAdapter):
         """Method-specific scheduler settings from the knobs."""
         return {}
 
-    def step_kwargs(self) -> dict[str, Any]:
-        return {}
-
     def make_scheduler(self, bundle: ModelBundle) -> Any:
         sch = bundle.denoiser.schedule
-        kw = self.scheduler_kwargs(bundle)
         if isinstance(sch, VPSchedule):
-            cls = self.vp_scheduler_cls
-            kw = {
-                "num_train_timesteps": sch.num_train_timesteps,
-                "trained_betas": list(sch.betas),
-                "prediction_type": PREDICTION_TYPE[bundle.kind],
-                "timestep_spacing": "trailing",
-                **kw,
-            }
+            cls, kw = self.vp_scheduler_cls, {**vp_scheduler_config(bundle.denoiser), **self.scheduler_kwargs(bundle)}
         elif isinstance(sch, FlowSchedule):
-            cls = self.flow_scheduler_cls
-            kw = {"num_train_timesteps": sch.num_train_timesteps, **kw}
+            cls, kw = self.flow_scheduler_cls, {"num_train_timesteps": sch.num_train_timesteps, **self.scheduler_kwargs(bundle)}
         else:  # pragma: no cover - schedules are a closed set
             raise TypeError(f"unsupported schedule {sch!r}")
         assert cls is not None, f"{self.name} declares {bundle.kind} support without a scheduler"
         return cls(**kw)
 
-    @torch.no_grad()
     def prepare(self, bundle: ModelBundle, steps: int) -> Sampler:
         self.check(bundle)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        denoiser = bundle.denoiser
-        step_kw = self.step_kwargs()
 
-        @torch.no_grad()
         def sampler(
             noise: torch.Tensor, cond: torch.Tensor | None, guidance: float, generators: list[torch.Generator]
         ) -> torch.Tensor:
             sched = self.make_scheduler(bundle)  # fresh per call: multistep solvers keep history
             sched.set_timesteps(steps, device=noise.device)
-            takes_gen = "generator" in inspect.signature(sched.step).parameters
-            x = noise * getattr(sched, "init_noise_sigma", 1.0)
-            scale = getattr(sched, "scale_model_input", lambda x, t: x)
-            for t in sched.timesteps:
-                out = denoiser(scale(x, t), t, cond, guidance)
-                kw = dict(step_kw)
-                if takes_gen:
-                    kw["generator"] = generators
-                x = sched.step(out, t, x, **kw, return_dict=False)[0]
-            return x
+            return run_scheduler(sched, bundle.denoiser, noise, cond, guidance, generators)
 
         return sampler

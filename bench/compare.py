@@ -1,0 +1,214 @@
+"""``bench compare BASELINE CANDIDATE``: match jobs of two runs and flag regressions.
+
+Jobs are matched by (model, method, knobs, steps, guidance). A matched pair regresses when
+- a quality metric is worse than the baseline by more than the baseline's CI (on the worse
+  side) plus ``quality_tol`` times the baseline value (direction from the registry);
+- NFE or FLOPs per image increased;
+- latency normalised by the model's reference configuration measured in the same run
+  (candidate latency / candidate reference latency, over the same ratio in the baseline)
+  is worse than ``1 + speed_tol`` (absolute latency is never compared: machines differ);
+- the job finished in the baseline and failed in the candidate.
+Jobs present in only one run are listed, not flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.report import fmt
+from bench.report.data import Run, RunError, config_key, config_label, higher_is_better
+from bench.report.matched import ReferenceSpec, choose_references, default_rule_text, specs_from, worse_by
+
+DEFAULT_QUALITY_TOL = 0.05
+DEFAULT_SPEED_TOL = 0.5
+COST_EPS = 1e-9  # relative: NFE and FLOPs are counted, not measured, so any increase counts
+
+
+@dataclass
+class Comparison:
+    baseline: Run
+    candidate: Run
+    quality_tol: float
+    speed_tol: float | None
+    metrics: list[str]
+    header: list[str]
+    rows: list[list[str]]
+    flagged: list[bool]
+    regressions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    references: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.regressions
+
+    def markdown(self) -> str:
+        b, c = self.baseline, self.candidate
+        speed = "not gated" if self.speed_tol is None else f"worse than {1 + self.speed_tol:.3g}x"
+        out = [
+            f"# bench compare: {c.suite_name}/{c.run_id} against {b.suite_name}/{b.run_id}\n",
+            f"- baseline: `{b.path}`",
+            f"- candidate: `{c.path}`",
+            f"- quality: regression when worse than the baseline by more than its 95% CI plus {self.quality_tol:.1%} "
+            "of its value (metric directions from the registry)",
+            "- NFE and FLOPs per image: regression on any increase",
+            f"- latency, normalised by each model's reference configuration in the same run: regression when {speed}",
+        ]
+        out.append(f"- reference configurations (default: {default_rule_text()}):")
+        out += [f"  - {m}: {r}" for m, r in self.references.items()]
+        out.append(
+            f"\n**{'PASS' if self.ok else 'FAIL'}**: {len(self.rows)} matched jobs, {len(self.regressions)} regression(s)\n"
+        )
+        out += [f"- REGRESSION {r}" for r in self.regressions]
+        out += [f"- note: {n}" for n in self.notes]
+        out.append("")
+        out.append(fmt.markdown_table(self.header, self.rows))
+        return "\n".join(out)
+
+
+def _f(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def quality_regression(base: float, base_low: float, base_high: float, cand: float, higher: bool, tol: float) -> bool:
+    """Candidate worse than the baseline by more than the baseline's CI half-width on the worse
+    side plus ``tol * |base|``."""
+    if math.isnan(base) or math.isnan(cand):
+        return False
+    half = (base - base_low) if higher else (base_high - base)
+    half = 0.0 if math.isnan(half) else max(half, 0.0)
+    return worse_by(cand, base, higher) > half + tol * abs(base)
+
+
+def cost_increase(base: float, cand: float) -> bool:
+    if math.isnan(base) or math.isnan(cand):
+        return False
+    return cand > base * (1 + COST_EPS) + 1e-12
+
+
+def _index(run: Run, which: str, notes: list[str]) -> dict[tuple, pd.Series]:
+    out: dict[tuple, pd.Series] = {}
+    for _, r in run.df.iterrows():
+        k = config_key(r)
+        if k in out:
+            notes.append(f"{which} has {config_label(r)} twice; the first row is used")
+            continue
+        out[k] = r
+    return out
+
+
+def compare_runs(
+    baseline: Run,
+    candidate: Run,
+    quality_tol: float = DEFAULT_QUALITY_TOL,
+    speed_tol: float | None = DEFAULT_SPEED_TOL,
+    reference: Iterable[ReferenceSpec] = (),
+) -> Comparison:
+    """Match the jobs of two runs and flag regressions (see the module docstring)."""
+    if quality_tol < 0 or (speed_tol is not None and speed_tol < 0):
+        raise RunError("tolerances must be >= 0")
+    if speed_tol is not None and math.isinf(speed_tol):
+        speed_tol = None
+    notes: list[str] = []
+    bi, ci = _index(baseline, "the baseline", notes), _index(candidate, "the candidate", notes)
+    keys = [k for k in bi if k in ci]
+    if not keys:
+        raise RunError(
+            f"no job of {candidate.path} matches one of {baseline.path} by (model, method, knobs, steps, guidance); "
+            "compare runs of the same suite"
+        )
+    only_b = [config_label(bi[k]) for k in bi if k not in ci]
+    only_c = [config_label(ci[k]) for k in ci if k not in bi]
+    if only_b:
+        notes.append(
+            f"{len(only_b)} baseline job(s) not in the candidate (not compared): {'; '.join(only_b[:6])}{' ...' * (len(only_b) > 6)}"
+        )
+    if only_c:
+        notes.append(
+            f"{len(only_c)} candidate job(s) not in the baseline (not compared): {'; '.join(only_c[:6])}{' ...' * (len(only_c) > 6)}"
+        )
+    metrics = [m for m in baseline.metrics if m in candidate.metrics]
+
+    # the latency yardstick: each model's reference configuration, measured in each run
+    specs = list(reference) or specs_from((baseline.record.get("suite") or {}).get("reference"))
+    ref_lat: dict[str, tuple[float, float]] = {}
+    references: dict[str, str] = {}
+    if metrics and len(baseline.ok):
+        for model, ref in choose_references(baseline.ok, metrics[0], specs).items():
+            k = config_key(baseline.ok.loc[ref.index])
+            references[model] = ref.label + ("" if ref.rule.startswith("rule:") else f" ({ref.rule})")
+            c = ci.get(k)
+            if c is None or c["status"] != "ok":
+                notes.append(f"{model}: the reference {ref.label} did not finish in the candidate; its latency is not compared")
+                continue
+            ref_lat[model] = (_f(bi[k]["latency_per_image_s"]), _f(c["latency_per_image_s"]))
+
+    header = ["model", "configuration"]
+    header += [f"{m} {'↑' if higher_is_better(m) else '↓'}: baseline [CI] -> candidate [CI] (delta)" for m in metrics]
+    header += ["NFE", "FLOPs/img", "norm. latency ratio", "flags"]
+    rows, flagged, regressions = [], [], []
+    for k in keys:
+        b, c = bi[k], ci[k]
+        label = config_label(b)
+        if b["status"] != "ok":
+            if c["status"] == "ok":
+                notes.append(f"{label}: failed in the baseline, finishes in the candidate")
+            continue
+        if c["status"] != "ok":
+            msg = f"{b['model']} {label}: failed in the candidate ({c.get('error', '')})"
+            regressions.append(msg)
+            rows.append([b["model"], label] + ["-"] * (len(header) - 3) + ["FAILED"])
+            flagged.append(True)
+            continue
+        for col in ("n_samples", "seed"):
+            if col in b and col in c and _f(b[col]) != _f(c[col]):
+                notes.append(f"{label}: {col} differs ({b[col]} vs {c[col]}); its quality numbers are not comparable")
+        flags = []
+        cells = [b["model"], label]
+        for m in metrics:
+            bv, cv = _f(b[m]), _f(c[m])
+            blo, bhi = _f(b.get(f"{m}_ci_low")), _f(b.get(f"{m}_ci_high"))
+            cells.append(
+                f"{fmt.ci(bv, blo, bhi)} -> {fmt.ci(cv, c.get(f'{m}_ci_low'), c.get(f'{m}_ci_high'))} "
+                f"({'+' if cv - bv >= 0 else ''}{fmt.num(cv - bv, 3)})"
+            )
+            if quality_regression(bv, blo, bhi, cv, higher_is_better(m), quality_tol):
+                flags.append(f"{m} worse")
+        for col, name, show in (("nfe", "NFE", fmt.num), ("flops", "FLOPs", fmt.flops)):
+            bv, cv = _f(b.get(col)), _f(c.get(col))
+            cells.append(f"{show(bv)} -> {show(cv)}" if bv != cv else show(bv))
+            if cost_increase(bv, cv):
+                flags.append(f"{name} up")
+        ratio = math.nan
+        if b["model"] in ref_lat:
+            rb, rc = ref_lat[b["model"]]
+            lb, lc = _f(b["latency_per_image_s"]), _f(c["latency_per_image_s"])
+            if all(v > 0 for v in (rb, rc, lb, lc)):
+                ratio = (lc / rc) / (lb / rb)
+        cells.append(fmt.ratio(ratio))
+        if speed_tol is not None and not math.isnan(ratio) and ratio > 1 + speed_tol:
+            flags.append("slower")
+        cells.append(", ".join(flags) or "ok")
+        rows.append(cells)
+        flagged.append(bool(flags))
+        regressions += [f"{b['model']} {label}: {f}" for f in flags]
+    return Comparison(baseline, candidate, quality_tol, speed_tol, metrics, header, rows, flagged, regressions, notes, references)
+
+
+def default_output(baseline: Run, candidate: Run) -> Path:
+    """Beside the candidate run (``compare_<baseline-id>.md``), or under reports/ for a bare parquet."""
+    from bench.paths import REPO
+
+    name = f"compare_{baseline.suite_name}-{baseline.run_id}.md"
+    if candidate.run_dir is not None:
+        return candidate.run_dir / name
+    return REPO / "reports" / f"compare_{candidate.run_id}_vs_{baseline.run_id}.md"

@@ -1,0 +1,135 @@
+"""FID, KID, precision/recall and Inception Score with clean-fid's Inception (the real tier).
+
+The network is clean-fid's TorchScript Inception-v3 (``inception-2015-12-05.pt``, the weights of
+the TF FID code), loaded from the weights catalogue. Images follow clean-fid's ``clean`` mode:
+quantised to uint8 as saved images are, resized to 299x299 with PIL bicubic on each float
+channel (``cleanfid.resize.make_resizer("PIL", False, "bicubic", (299, 299))``), then
+normalised to [-1, 1] as clean-fid's ``InceptionV3W`` does. Inception Score uses the softmax of
+the 1008-way output layer without its bias, as StyleGAN2-ADA computes it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from cleanfid.resize import make_resizer
+
+from bench.metrics import MetricContext, Statistic, images_uint8, register_metric
+from bench.metrics.digits import inception_score_statistic, precision_statistic, recall_statistic
+from bench.metrics.formulas import FrechetToReference, kid_from_features
+
+WEIGHTS = "inception-2015-12-05"
+SPACE = "inception"
+SIZE = 299
+
+
+@lru_cache(maxsize=2)
+def _load(path: str) -> torch.jit.ScriptModule:
+    return torch.jit.load(path, map_location="cpu").eval()
+
+
+def network(metric: str | None = None) -> torch.jit.ScriptModule:
+    """The TorchScript Inception (``.layers``: 299x299 normalised images -> 2048 features;
+    ``.output``: the 1008-way classifier)."""
+    from bench.weights import require
+
+    return _load(str(require(WEIGHTS, metric)))
+
+
+def to_hwc_uint8(images: torch.Tensor | list[np.ndarray]) -> list[np.ndarray]:
+    """[-1,1] tensors (N,C,H,W) or a list of uint8 (H,W,3) arrays -> a list of uint8 (H,W,3) arrays."""
+    if isinstance(images, torch.Tensor):
+        return list(images_uint8(images).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return [np.asarray(im, dtype=np.uint8) for im in images]
+
+
+def clean_resize(images: list[np.ndarray]) -> torch.Tensor:
+    """clean-fid's ``clean`` resize of each uint8 image to (3, 299, 299) float in [0, 255]."""
+    resize = make_resizer("PIL", False, "bicubic", (SIZE, SIZE))
+    return torch.stack([torch.from_numpy(resize(im).transpose(2, 0, 1).copy()) for im in images])
+
+
+@torch.no_grad()
+def features_probs(
+    images: torch.Tensor | list[np.ndarray], net: torch.jit.ScriptModule | None = None, batch: int = 64, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """2048-d pool features (float64) and 1008-way class probabilities (no output bias)."""
+    net = (net if net is not None else network()).to(device)
+    ims = to_hwc_uint8(images)
+    feats, probs = [], []
+    for lo in range(0, len(ims), batch):
+        x = clean_resize(ims[lo : lo + batch]).to(device)
+        f = net.layers((x - 128) / 128).reshape(len(x), -1)
+        feats.append(f.double().cpu())
+        logits = f @ net.output.weight.T
+        probs.append(torch.softmax(logits.double(), 1).cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def _gen(ctx: MetricContext, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    if "inception" not in ctx.cache:
+        ctx.cache["inception"] = features_probs(ctx.samples, network(metric), device=ctx.device)
+    return ctx.cache["inception"]
+
+
+def _refset(ctx: MetricContext, metric: str) -> str:
+    name = ctx.refset or ctx.bundle.extra.get("refset")
+    if not name:
+        raise ValueError(
+            f"{metric} needs a reference set: add `reference_set: NAME` to the suite "
+            "(a folder of real images becomes one with `bench ref build NAME --images DIR --features inception`)"
+        )
+    return name
+
+
+def _ref(ctx: MetricContext, metric: str):
+    from bench.metrics.refs import load
+
+    network(metric)  # the weights first: their absence is the error to report
+    return load(_refset(ctx, metric), SPACE)
+
+
+def _register(name: str, higher: bool, description: str, reference: bool = True):
+    return register_metric(
+        name,
+        higher_is_better=higher,
+        data="image",
+        consumes=("images", "reference") if reference else ("images",),
+        weights="clean-fid Inception-v3 (inception-2015-12-05.pt)",
+        requires=(WEIGHTS,),
+        description=description,
+    )
+
+
+@_register("fid_inception", False, "FID with clean-fid's Inception (clean resize) against the suite's reference set")
+def fid_inception(ctx: MetricContext) -> Statistic:
+    ref = _ref(ctx, "fid_inception")
+    gen = _gen(ctx, "fid_inception")[0]
+    fid_to_ref = FrechetToReference(ref.mu, ref.sigma)
+    return Statistic(lambda idx: fid_to_ref(gen[idx]), len(gen), (0.0, np.inf))
+
+
+@_register("kid_inception", False, "KID (x1e3) with clean-fid's Inception against the suite's reference set")
+def kid_inception(ctx: MetricContext) -> Statistic:
+    ref = _ref(ctx, "kid_inception").feats
+    gen = _gen(ctx, "kid_inception")[0]
+    return Statistic(lambda idx: 1e3 * kid_from_features(gen[idx], ref, ctx.seed, num_subsets=20), len(gen))
+
+
+@_register("precision_inception", True, "improved precision (k=3) on Inception features against the reference set")
+def precision_inception(ctx: MetricContext) -> Statistic:
+    ref = _ref(ctx, "precision_inception").feats
+    return precision_statistic(_gen(ctx, "precision_inception")[0], ref)
+
+
+@_register("recall_inception", True, "improved recall (k=3) on Inception features against the reference set")
+def recall_inception(ctx: MetricContext) -> Statistic:
+    ref = _ref(ctx, "recall_inception").feats
+    return recall_statistic(_gen(ctx, "recall_inception")[0], ref)
+
+
+@_register("is_inception", True, "Inception Score with clean-fid's Inception (1008-way softmax, no output bias)", reference=False)
+def is_inception(ctx: MetricContext) -> Statistic:
+    return inception_score_statistic(_gen(ctx, "is_inception")[1])

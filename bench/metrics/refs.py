@@ -1,0 +1,243 @@
+"""Reference sets and their cached statistics (``bench ref build REFSET``, like EDM's ``fid.py ref``).
+
+A reference set is a named collection of real images: ``digits-train`` / ``digits-heldout`` are
+built in; any folder of images becomes one with ``bench ref build NAME --images DIR``. Its features
+in a feature space (``digits``, ``inception``, ``clip-l14-336``) are computed once and cached under
+``$BENCH_HOME/refs/NAME/SPACE.npz`` with the mean and covariance (for FID) and the features
+themselves (for KID, precision/recall and CMMD), stamped with the feature network's hash so a
+cache made with other weights is never used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.io import WeightsError, atomic_write, write_json
+from bench.paths import ASSETS, bench_home
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BUILTIN = {"digits-train": "train", "digits-heldout": "heldout"}
+
+
+class MissingReferenceError(WeightsError):
+    """Reference statistics that have not been built (a cached artifact, like weights)."""
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    name: str
+    description: str
+    extract: Callable[[torch.Tensor | list[np.ndarray], str], np.ndarray]  # (images, device) -> (N, D) float64
+    network_id: Callable[[], str]
+
+
+@dataclass
+class RefStats:
+    refset: str
+    space: str
+    feats: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    meta: dict
+
+
+def _sha_file(path: Path) -> str:
+    return _sha_cached(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _sha_cached(path: str, size: int, mtime: int) -> str:
+    from bench.weights import sha256_file
+
+    return sha256_file(Path(path))[:16]
+
+
+def _digits_extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
+    from bench.metrics.digits import features_and_probs
+
+    if not isinstance(images, torch.Tensor):
+        raise ValueError("the digits feature space takes digits tensors (N,1,16,16) in [-1,1], not image files")
+    return features_and_probs(images)[0]
+
+
+def _inception_extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
+    from bench.metrics.inception import features_probs
+
+    return features_probs(images, device=device)[0]
+
+
+def _inception_id() -> str:
+    from bench.weights import require
+
+    return _sha_file(require("inception-2015-12-05"))
+
+
+def _clip_extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
+    from bench.metrics.clip import cmmd_embeddings
+
+    return cmmd_embeddings(images, device=device)
+
+
+def _clip_id() -> str:
+    from bench.weights import require
+
+    return _sha_file(require("clip-vit-l-14-336-openai"))
+
+
+SPACES = {
+    s.name: s
+    for s in [
+        FeatureSpace(
+            "digits",
+            "64-d penultimate features of the committed digits classifier",
+            _digits_extract,
+            lambda: _sha_file(ASSETS / "digits-features.safetensors"),
+        ),
+        FeatureSpace(
+            "inception",
+            "2048-d pool features of clean-fid's Inception (clean resize)",
+            _inception_extract,
+            _inception_id,
+        ),
+        FeatureSpace("clip-l14-336", "L2-normalised CLIP ViT-L/14-336 image embeddings (CMMD)", _clip_extract, _clip_id),
+    ]
+}
+
+
+def refs_dir() -> Path:
+    return bench_home() / "refs"
+
+
+def _check_name(refset: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", refset):
+        raise ValueError(f"reference set name {refset!r}: use letters, digits, '.', '_' and '-'")
+    return refset
+
+
+def cache_path(refset: str, space: str) -> Path:
+    return refs_dir() / _check_name(refset) / f"{space}.npz"
+
+
+def _space(space: str) -> FeatureSpace:
+    if space not in SPACES:
+        from bench.registry import UnknownNameError
+
+        raise UnknownNameError("feature space", space, list(SPACES))
+    return SPACES[space]
+
+
+def load_images(folder: Path, limit: int | None = None) -> list[np.ndarray]:
+    """Every image under ``folder`` (sorted paths) as an RGB uint8 (H,W,3) array."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    files = files[:limit] if limit else files
+    return [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in files]
+
+
+def _source_images(refset: str, images: Path | None, limit: int | None) -> tuple[torch.Tensor | list[np.ndarray], dict]:
+    if refset in BUILTIN:
+        from bench.data import digits
+
+        x = digits(BUILTIN[refset])[0]
+        return (x[:limit] if limit else x), {"source": f"bench.data.digits('{BUILTIN[refset]}')"}
+    if images is None:
+        known = {}
+        d = refs_dir() / _check_name(refset)
+        for p in d.glob("*.json"):
+            known = json.loads(p.read_text())
+            break
+        if "images" not in known:
+            raise MissingReferenceError(
+                f"unknown reference set {refset!r}: built in are {', '.join(BUILTIN)}; "
+                f"make a folder of images one with `bench ref build {refset} --images DIR`"
+            )
+        images = Path(known["images"])
+    images = Path(images).expanduser().resolve()
+    if not images.is_dir():
+        raise ValueError(f"--images {images}: not a directory")
+    return load_images(images, limit), {"source": f"folder {images}", "images": str(images)}
+
+
+def build(refset: str, space: str, images: Path | None = None, limit: int | None = None, device: str = "cpu") -> Path:
+    """Compute and cache the features of ``refset`` in ``space``; returns the cache file."""
+    fs = _space(space)
+    network_id = fs.network_id()  # the weights first: their absence is the error to report
+    data, meta = _source_images(refset, images, limit)
+    feats = np.asarray(fs.extract(data, device), dtype=np.float64)
+    meta |= {
+        "refset": refset,
+        "space": space,
+        "n": int(len(feats)),
+        "dim": int(feats.shape[1]),
+        "network_id": network_id,
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "features_sha256": hashlib.sha256(feats.astype(np.float32).tobytes()).hexdigest()[:16],
+    }
+    path = cache_path(refset, space)
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    atomic_write(path, lambda p: np.savez(p.open("wb"), feats=feats.astype(np.float32), mu=mu, sigma=sigma))
+    write_json(path.with_suffix(".json"), meta)
+    _load_cached.cache_clear()
+    return path
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, mtime: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    z = np.load(path)
+    meta = json.loads(Path(path).with_suffix(".json").read_text())
+    return z["feats"].astype(np.float64), z["mu"], z["sigma"], meta
+
+
+@lru_cache(maxsize=4)
+def _digits_in_memory(refset: str) -> RefStats:
+    from bench.data import digits
+
+    feats = _digits_extract(digits(BUILTIN[refset])[0])
+    return RefStats(refset, "digits", feats, feats.mean(0), np.cov(feats, rowvar=False), {"source": "in memory"})
+
+
+def load(refset: str, space: str) -> RefStats:
+    """The cached statistics of ``refset`` in ``space``; the built-in digits sets in the digits
+    space are computed in memory when not cached (a fraction of a second)."""
+    fs = _space(space)
+    path = cache_path(refset, space)
+    fix = f"`bench ref build {refset} --features {space}`" + ("" if refset in BUILTIN else " (add --images DIR the first time)")
+    if not path.is_file():
+        if refset in BUILTIN and space == "digits":
+            return _digits_in_memory(refset)
+        raise MissingReferenceError(f"reference statistics of {refset!r} in the {space} feature space are not built; run {fix}")
+    feats, mu, sigma, meta = _load_cached(str(path), path.stat().st_mtime_ns)
+    current = fs.network_id()
+    if meta.get("network_id") != current:
+        if refset in BUILTIN and space == "digits":
+            return _digits_in_memory(refset)
+        raise MissingReferenceError(
+            f"reference statistics {path} were made with another {space} network ({meta.get('network_id')} != {current}); "
+            f"rebuild them with {fix}"
+        )
+    return RefStats(refset, space, feats, mu, sigma, meta)
+
+
+def listing() -> list[dict]:
+    """Every cached reference (its metadata), plus the built-in sets not yet cached."""
+    out = []
+    for p in sorted(refs_dir().glob("*/*.json")):
+        out.append(json.loads(p.read_text()) | {"path": str(p.with_suffix(".npz"))})
+    cached = {(m["refset"], m["space"]) for m in out}
+    for name in BUILTIN:
+        if (name, "digits") not in cached:
+            out.append({"refset": name, "space": "digits", "path": "(computed in memory when used)", "n": None})
+    return out

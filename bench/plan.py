@@ -1,0 +1,176 @@
+"""``bench plan``: a suite's jobs and what they will cost, before anything runs.
+
+NFE comes from a probe: each training-free job's sampler is run on one sample with the
+harness's forward counter (the same count ``run_job`` reports). Time comes from a probe per
+model: the median wall time of one network call at the suite's batch size (with and without
+the classifier-free-guidance doubling). Network calls per job = NFE x (batches + warm-up
+batches); the estimate covers sampling only, not metrics or training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.accounting import ForwardCounter, sync
+from bench.executors import ModelCache
+from bench.registry import METHODS
+from bench.runner import plan_jobs
+from bench.seeds import generators, noise
+from bench.store import JobStore
+from bench.suite import Job, Suite, expand
+
+
+def _cfg_rows(job: Job, num_classes: int | None) -> int:
+    return 2 if num_classes is not None and job.guidance != 1.0 else 1
+
+
+def probe_nfe(job: Job, bundle: Any, device: str) -> float:
+    """Network evaluations per sample of ``job``'s sampler, counted on one sample."""
+    sampler = METHODS.get(job.method)(**dict(job.knobs)).prepare(bundle, job.steps)
+    gens = generators(job.seed, [0], device)
+    z = noise(gens, bundle.sample_shape, bundle.dtype, device)
+    cond = torch.zeros(1, dtype=torch.long, device=device) if bundle.num_classes is not None else None
+    with ForwardCounter(bundle.denoiser.net) as counter, torch.no_grad():
+        sampler(z, cond, job.guidance, gens)
+    return counter.rows / _cfg_rows(job, bundle.num_classes)
+
+
+def probe_call_seconds(bundle: Any, batch: int, guided: bool, device: str, repeats: int = 3) -> float:
+    """Median wall seconds of one denoiser call on ``batch`` samples (CFG doubles the rows)."""
+    gens = generators(0, range(batch), device)
+    x = noise(gens, bundle.sample_shape, bundle.dtype, device)
+    cond = torch.arange(batch, device=device) % bundle.num_classes if bundle.num_classes is not None else None
+    t = torch.full((batch,), bundle.t_start / 2, device=device)
+    w = 2.0 if guided else 1.0
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            bundle.denoiser(x, t, cond, w)
+            sync(device)
+            if i:  # the first call is warm-up
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def plan_suite(
+    suite: Suite,
+    store_dir: Path | None = None,
+    device: str = "auto",
+    probe: bool = True,
+    workers: int = 1,
+    executor: str = "local",
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """The jobs of ``suite`` with NFE, network calls, estimated seconds and whether the job store
+    already holds them (for a run on ``executor`` with ``threads`` per worker); totals for
+    ``workers`` workers."""
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    jobs, skipped = expand(suite)
+    models = ModelCache()
+    n_threads = threads or (1 if executor == "ray" else torch.get_num_threads())
+    planned, duplicates = plan_jobs(suite, jobs, dev, n_threads, models)
+    store = JobStore(store_dir) if store_dir is not None else None
+    call_s: dict[tuple[str, bool], float] = {}
+    rows, t_probe = [], time.perf_counter()
+    for p in planned:
+        job = p.job
+        bundle = models.get(job)
+        if dev != "cpu":
+            bundle.denoiser.net.to(dev)
+        cls = METHODS.get(job.method)
+        cfg = _cfg_rows(job, bundle.num_classes)
+        bs = min(job.batch_size, job.n_samples)
+        batches = math.ceil(job.n_samples / job.batch_size) + suite.warmup
+        nfe, source = float(job.steps), "steps (not probed)"
+        if probe and cls.training == "free":
+            nfe, source = probe_nfe(job, bundle, dev), "probe"
+        elif probe:
+            source = f"steps (not probed: {cls.training} method trains in prepare)"
+        est_s = None
+        if probe:
+            key = (job.model.label, cfg == 2)
+            if key not in call_s:
+                call_s[key] = probe_call_seconds(bundle, bs, cfg == 2, dev)
+            est_s = nfe * batches * call_s[key]
+        cached = bool(store and (hit := store.get(p.store_key)) is not None and hit.row.get("status") == "ok")
+        rows.append(
+            {
+                "job_id": p.job_id,
+                "model": job.model.label,
+                "method": job.method,
+                "training": cls.training,
+                "knobs": json.dumps(dict(job.knobs), sort_keys=True),
+                "steps": job.steps,
+                "guidance": job.guidance,
+                "n_samples": job.n_samples,
+                "nfe": nfe,
+                "nfe_source": source,
+                "network_calls": round(nfe * batches),
+                "network_rows": round(nfe * cfg * (job.n_samples + suite.warmup * bs)),
+                "est_s": est_s,
+                "cached": cached,
+            }
+        )
+    todo = [r for r in rows if not r["cached"]]
+    est = [r["est_s"] for r in todo if r["est_s"] is not None]
+    return {
+        "suite": suite.name,
+        "source": suite.source,
+        "device": dev,
+        "workers": workers,
+        "jobs": rows,
+        "skipped_pairs": skipped,
+        "duplicate_jobs": duplicates,
+        "cached": len(rows) - len(todo),
+        "to_run": len(todo),
+        "network_rows": sum(r["network_rows"] for r in todo),
+        "est_s": sum(est) if probe else None,
+        "est_wall_s": sum(est) / max(workers, 1) if probe else None,
+        "call_s": {f"{m} ({'cfg' if g else 'no cfg'})": s for (m, g), s in call_s.items()},
+        "probe_s": time.perf_counter() - t_probe,
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as a terminal table with totals."""
+    head = ["model", "method", "knobs (non-default)", "steps", "guidance", "NFE", "net rows", "est s", "cached"]
+    body = []
+    for r in plan["jobs"]:
+        defaults = {k.name: k.default for k in METHODS.get(r["method"]).knobs}
+        knobs = ",".join(f"{k}={v}" for k, v in json.loads(r["knobs"]).items() if defaults.get(k) != v) or "-"
+        nfe = f"{r['nfe']:g}" + ("" if r["nfe_source"] == "probe" else "~")
+        est = "-" if r["est_s"] is None else f"{r['est_s']:.2f}"
+        body.append([r["model"], r["method"], knobs, str(r["steps"]), f"{r['guidance']:g}", nfe, f"{r['network_rows']:,}", est])
+        body[-1].append("yes" if r["cached"] else "no")
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = [f"suite {plan['suite']} ({plan['source']}): {len(plan['jobs'])} jobs on {plan['device']}"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    lines.append("")
+    for s in plan["skipped_pairs"]:
+        lines.append(f"skipped (not applicable): {s}")
+    if plan["duplicate_jobs"]:
+        lines.append(f"dropped {plan['duplicate_jobs']} duplicate job(s) (knob values that resolve to the same setting)")
+    lines.append(
+        f"to run: {plan['to_run']} jobs ({plan['cached']} already in the job store and will be reused), "
+        f"{plan['network_rows']:,} network rows"
+    )
+    if plan["est_s"] is not None:
+        lines.append(
+            f"estimated sampling time: {plan['est_s']:.1f} s on one worker, ~{plan['est_wall_s']:.1f} s on {plan['workers']} "
+            "(metrics and training not included)"
+        )
+        for k, v in plan["call_s"].items():
+            lines.append(f"  probe: one network call of {k}: {1e3 * v:.2f} ms")
+    if any(r["nfe_source"] != "probe" for r in plan["jobs"]):
+        lines.append("NFE marked ~ is the step count, not a probe")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""``bench report RUN``: reports/<run-id>/index.html and the PNGs it shows, from a run's files only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from bench.paths import REPO
+from bench.report import fmt
+from bench.report.charts import colours, pareto_figure, speedup_figure
+from bench.report.data import Run, RunError, config_label, higher_is_better, load_run, method_label
+from bench.report.grids import grid_figures, slug
+from bench.report.html import esc, figure, page
+from bench.report.leaderboard import build_leaderboard
+from bench.report.matched import DEFAULT_QUALITY_TOL, ReferenceSpec, Speedups, choose_references, matched_speedups, specs_from
+
+if TYPE_CHECKING:
+    from bench.compare import Comparison
+
+REPORTS = REPO / "reports"
+
+
+@dataclass
+class Report:
+    """What ``build_report`` wrote: the page, and the numbers behind its verdicts."""
+
+    index: Path
+    speedups: Speedups
+    comparison: Comparison | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.index.parent
+
+
+def build_report(
+    run: str | Path | Run,
+    out: Path | None = None,
+    baseline: str | Path | Run | None = None,
+    reference: Sequence[ReferenceSpec] = (),
+    metric: str | None = None,
+    quality_tol: float = DEFAULT_QUALITY_TOL,
+    cost: str = "latency_per_image_s",
+    compare_quality_tol: float | None = None,
+    compare_speed_tol: float | None = None,
+) -> Report:
+    """Write the report of ``run`` into ``out`` (default reports/<run-id>/): index.html, its PNGs,
+    leaderboard.md and, with a baseline, compare.md."""
+    from bench.compare import DEFAULT_QUALITY_TOL as CMP_Q
+    from bench.compare import DEFAULT_SPEED_TOL as CMP_S
+    from bench.compare import compare_runs
+
+    run = run if isinstance(run, Run) else load_run(run)
+    ok = run.ok
+    if ok.empty:
+        raise RunError(f"{run.path}: no job finished, nothing to report; see the errors in its results.parquet")
+    metrics = run.metrics
+    if not metrics:
+        raise RunError(f"{run.path}: the results hold no metric values")
+    metric = metric or metrics[0]
+    if metric not in metrics:
+        raise RunError(f"metric {metric!r} has no values in {run.path}; choose one of {', '.join(metrics)}")
+    out = Path(out) if out is not None else REPORTS / run.run_id
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in ("pareto_*.png", "grid_*.png", "speedup_vs_training.png", "screenshot.png", "compare.md"):
+        for old in out.glob(pattern):  # figures of an earlier report of this run: the page must show only this one's
+            old.unlink()
+
+    suite = run.record.get("suite") or {}
+    specs = list(reference) or specs_from(suite.get("reference"))
+    refs = choose_references(ok, metric, specs)
+    sp = matched_speedups(ok, metric, refs, quality_tol, cost)
+    palette = colours(sorted({method_label(r) for _, r in ok.iterrows()}))
+    lb = build_leaderboard(ok, sp, metrics)
+    sections: list[tuple[str, str, str]] = []
+
+    # what the report measures against
+    ref_rows = [[m, r.label, r.rule] for m, r in refs.items()]
+    how = (
+        f"<p>Quality metric for matching: <b>{esc(metric)}</b> ({'higher' if higher_is_better(metric) else 'lower'} is "
+        f"better, from the metric registry). A configuration <i>matches</i> when its {esc(metric)} is no worse than the "
+        f"reference's by more than <b>{quality_tol:.0%}</b> of the reference value. <i>Speedup at matched quality</i> of a "
+        f"method = reference {esc(cost)} / {esc(cost)} of the method's cheapest matching configuration (any knobs, steps, "
+        "guidance). MMHM (arXiv 2603.14186): each component metric min-max normalised over all finished jobs of the model "
+        "(1 = best), harmonic mean of the components; components: "
+        + esc("; ".join(f"{m}: {', '.join(c)}" for m, c in lb.mmhm_components.items()))
+        + ".</p>"
+    )
+    sections.append(
+        (
+            "reference",
+            "Reference configuration and tolerance",
+            how + fmt.html_table(["model", "reference", "how chosen"], ref_rows),
+        )
+    )
+
+    # leaderboard
+    body = []
+    for model, rows in lb.tables.items():
+        body.append(f"<h3>{esc(model)}</h3>")
+        body.append(fmt.html_table(lb.header, rows, lb.row_classes[model]))
+    body.append("<p class=\"meta\">Highlighted: the reference. Grey: no configuration within tolerance (its best-quality "
+                "configuration is shown, unranked). Latency: median over timed batches, per image.</p>")  # fmt: skip
+    sections.append(("leaderboard", "Leaderboard", "\n".join(body)))
+    md = f"# Leaderboard: {run.suite_name} / {run.run_id}\n\n" + lb.markdown(sp)
+    (out / "leaderboard.md").write_text(md)
+
+    # speedup versus training cost
+    png = speedup_figure(sp, out / "speedup_vs_training.png")
+    cap = (
+        f"One point per method: y = speedup at matched {esc(metric)} (within {quality_tol:.0%} of the reference), "
+        "x = training class, position within the class by measured training cost; colours: family."
+    )
+    sections.append(("speedup", "Speedup versus training cost", figure(png, cap, "speedup versus training cost")))
+
+    # Pareto frontiers
+    body = []
+    for model in sorted(ok["model"].unique()):
+        mets = [m for m in metrics if ok.loc[ok["model"] == model, m].notna().any()]
+        png = pareto_figure(ok, model, mets, out / f"pareto_{slug(model)}.png", palette)
+        cap = (
+            f"{esc(model)}: each quality metric against latency per image, NFE and FLOPs per image. Bars: 95% bootstrap CI. "
+            "Dashed: the Pareto frontier (point estimates); ringed points are on it, labelled 'method steps'; faded points are "
+            "dominated even at the favourable ends of the CIs. Markers: guidance scale."
+        )
+        body.append(figure(png, cap, f"Pareto frontiers of {model}"))
+    sections.append(("pareto", "Pareto frontiers", "\n".join(body)))
+
+    # sample grids
+    grids = grid_figures(run, out)
+    if grids:
+        body = [
+            figure(p, f"{esc(m)}, guidance {g:g}: rows are methods, columns step counts; every cell starts from the same seeds.", f"samples of {m} at guidance {g:g}")
+            for m, g, p in grids
+        ]  # fmt: skip
+    else:
+        body = ["<p>This run kept no samples (jobs/&lt;job-id&gt;/samples.npy), so there are no grids.</p>"]
+    sections.append(("samples", "Samples: same seeds across methods and steps", "\n".join(body)))
+
+    # baseline comparison
+    verdict = ""
+    cmp = None
+    if baseline is not None:
+        base = baseline if isinstance(baseline, Run) else load_run(baseline)
+        cmp = compare_runs(
+            base,
+            run,
+            CMP_Q if compare_quality_tol is None else compare_quality_tol,
+            CMP_S if compare_speed_tol is None else compare_speed_tol,
+            specs,
+        )
+        (out / "compare.md").write_text(cmp.markdown())
+        cls = "pass" if cmp.ok else "fail"
+        verdict = f' Against baseline {esc(base.run_id)}: <span class="{cls}">{"PASS" if cmp.ok else "FAIL"}</span>.'
+        body = [f"<p>Baseline: <code>{esc(base.path)}</code>.{verdict}</p>", "<ul>"]
+        body += [f"<li><b>regression</b>: {esc(r)}</li>" for r in cmp.regressions]
+        body += [f"<li>{esc(n)}</li>" for n in cmp.notes]
+        body += ["</ul>", f"<pre>{esc(cmp.markdown().split(chr(10) + chr(10))[0])}</pre>"]
+        body.append(fmt.html_table(cmp.header, cmp.rows, ["regression" if f else "" for f in cmp.flagged]))
+        sections.append(("baseline", "Comparison with the baseline", "\n".join(body)))
+
+    # everything, and what failed
+    failed = run.df[run.df["status"] != "ok"]
+    if len(failed):
+        rows = [[r["model"], config_label(r), str(r.get("error", ""))[:300]] for _, r in failed.iterrows()]
+        sections.append(("failed", f"Failed jobs ({len(failed)})", fmt.html_table(["model", "configuration", "error"], rows)))
+    cols = ["model", "configuration", "nfe", "latency/img", "IQR", "FLOPs/img"] + metrics + ["train cost", "job"]
+    rows = []
+    for _, r in ok.iterrows():
+        rows.append(
+            [r["model"], config_label(r), fmt.num(r["nfe"]), fmt.ms(r["latency_per_image_s"]),
+             fmt.ms(fmt_div(r.get("latency_iqr_s"), r.get("batch_size"))), fmt.flops(r["flops"])]
+            + [fmt.ci(r[m], r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")) for m in metrics]
+            + [fmt.duration(r.get("train_cost_s")), str(r["job_id"])]
+        )  # fmt: skip
+    sections.append(
+        ("all", f"All finished jobs ({len(ok)})", "<details><summary>show</summary>" + fmt.html_table(cols, rows) + "</details>")
+    )
+    sections.append(("provenance", "Provenance", provenance_html(run)))
+
+    rec = run.record
+    subtitle = (
+        f"suite <b>{esc(run.suite_name)}</b> · run <b>{esc(run.run_id)}</b> · git {esc(str(rec.get('git_sha', 'unknown'))[:12])} · "
+        f"{esc(rec.get('finished') or rec.get('started') or '')} · {len(ok)} finished, {len(failed)} failed jobs.{verdict}<br>"
+        f"Every number on this page is computed from this run's own files (<code>{esc(run.path)}</code>); none is quoted from "
+        "elsewhere."
+    )
+    index = out / "index.html"
+    index.write_text(page(f"bench report: {run.suite_name} / {run.run_id}", sections, subtitle))
+    return Report(index, sp, cmp)
+
+
+def fmt_div(a: object, b: object) -> float:
+    try:
+        return float(a) / float(b)  # type: ignore[arg-type]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return float("nan")
+
+
+def provenance_html(run: Run) -> str:
+    rec = run.record
+    if not rec:
+        return f"<p>No run.json beside {esc(run.path)}: only the table's own columns are known.</p>"
+    suite = rec.get("suite") or {}
+    rows = [
+        ["suite", f"{suite.get('name', run.suite_name)} ({suite.get('source', '?')})"],
+        ["description", suite.get("description", "")],
+        ["run id", rec.get("run_id", "")],
+        ["command", rec.get("command", "")],
+        ["started / finished", f"{rec.get('started', '?')} / {rec.get('finished', '?')}"],
+        ["git sha", rec.get("git_sha", "")],
+        ["jobs", json.dumps(rec.get("jobs", {}))],
+    ]
+    rows += [[f"version: {k}", v] for k, v in sorted((rec.get("versions") or {}).items())]
+    rows += [[f"device: {k}", v] for k, v in sorted((rec.get("device") or {}).items())]
+    shas = sorted(set(run.df["git_sha"].dropna().astype(str))) if "git_sha" in run.df else []
+    if len(shas) > 1:
+        rows.append(["git sha of jobs", ", ".join(shas) + " (the run was resumed across commits)"])
+    skipped = rec.get("skipped_pairs") or []
+    body = fmt.html_table(["field", "value"], rows)
+    if skipped:
+        body += "<p>Skipped (not applicable):</p><ul>" + "".join(f"<li>{esc(s)}</li>" for s in skipped) + "</ul>"
+    body += "<details><summary>resolved suite</summary><pre>" + esc(yaml.safe_dump(suite, sort_keys=False)) + "</pre></details>"
+    return body

@@ -1,0 +1,170 @@
+"""Figures: Pareto frontiers of quality against cost, and speedup against training cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+from bench.adapter import FAMILIES, TRAINING_CLASSES  # noqa: E402
+from bench.report import fmt  # noqa: E402
+from bench.report.data import COST_COLUMNS, higher_is_better, method_label  # noqa: E402
+from bench.report.matched import Speedups  # noqa: E402
+from bench.report.pareto import pareto_front  # noqa: E402
+
+MARKERS = "osD^vP*Xhp"
+TRAINING_NAMES = {
+    "free": "training-free",
+    "calibration": "calibration",
+    "params": "O(1) parameters",
+    "finetune": "fine-tuning",
+    "full": "full training",
+}
+
+
+def colours(labels: list[str]) -> dict[str, tuple[float, ...]]:
+    """A fixed colour per label (sorted), the same in every figure of a report."""
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(sorted(labels))}
+
+
+def _cost_values(rows: pd.DataFrame, cost: str) -> tuple[np.ndarray, str]:
+    """The cost column in readable units, and its axis label."""
+    v = rows[cost].astype(float).to_numpy()
+    if cost == "latency_per_image_s":
+        return 1e3 * v, COST_COLUMNS[cost]
+    if cost == "flops":
+        top = np.nanmax(v) if np.isfinite(v).any() else 0.0
+        for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+            if top >= scale:
+                return v / scale, f"{unit} per image"
+    return v, COST_COLUMNS[cost]
+
+
+def _spread(v: np.ndarray) -> float:
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(v.max() / v.min()) if len(v) else 1.0
+
+
+def pareto_figure(ok: pd.DataFrame, model: str, metrics: list[str], path: Path, palette: dict[str, tuple[float, ...]]) -> Path:
+    """One model: a panel per (quality metric, cost) with CI bars, the frontier as a staircase,
+    frontier points labelled 'method steps', others by steps; faded points are surely dominated
+    (dominated even at the favourable ends of the CIs)."""
+    rows = ok[ok["model"] == model].copy()
+    rows["variant"] = rows.apply(method_label, axis=1)
+    guidances = sorted(rows["guidance"].astype(float).unique())
+    # a cost the run did not measure (e.g. FLOPs of an analytic model: no torch ops) gets no column
+    costs = [c for c in COST_COLUMNS if (pd.to_numeric(rows[c], errors="coerce") > 0).any()]
+    fig, axes = plt.subplots(len(metrics), len(costs), figsize=(5.2 * len(costs), 3.9 * len(metrics)), squeeze=False)
+    for i, m in enumerate(metrics):
+        higher = higher_is_better(m)
+        sub = rows[rows[m].notna()]
+        for j, cost in enumerate(costs):
+            ax = axes[i][j]
+            x, label = _cost_values(sub, cost)
+            y = sub[m].astype(float).to_numpy()
+            lo = sub[f"{m}_ci_low"].astype(float).to_numpy()
+            hi = sub[f"{m}_ci_high"].astype(float).to_numpy()
+            nan = np.full_like(x, np.nan)
+            front = pareto_front(np.c_[x, y], [False, higher], np.c_[nan, lo], np.c_[nan, hi])
+            for k, (_, r) in enumerate(sub.iterrows()):
+                on, plaus = front.on_front[k], front.plausible[k]
+                mk = MARKERS[guidances.index(float(r["guidance"])) % len(MARKERS)]
+                err = [[max(y[k] - lo[k], 0)], [max(hi[k] - y[k], 0)]] if np.isfinite(lo[k]) else None
+                ax.errorbar(
+                    x[k], y[k], yerr=err, fmt=mk, color=palette[r["variant"]], alpha=1.0 if plaus else 0.3,
+                    ms=7 if on else 5, mec="black" if on else palette[r["variant"]], mew=1.2 if on else 0.5,
+                    capsize=2, elinewidth=0.8, zorder=3 if on else 2,
+                )  # fmt: skip
+                text = f"{r['method']} {int(r['steps'])}" if on else str(int(r["steps"]))
+                ax.annotate(text, (x[k], y[k]), fontsize=6.5 if on else 5.5, xytext=(3, 3), textcoords="offset points",
+                            alpha=1.0 if plaus else 0.5)  # fmt: skip
+            order = front.order(x)
+            if len(order):
+                ax.step(x[order], y[order], where="post", color="black", lw=1, ls="--", zorder=1)
+            if _spread(x) > 20:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            if (y > 0).all() and _spread(y) > 30:
+                ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"{m} ({'higher' if higher else 'lower'} is better)")
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(f"{m} vs {cost}", fontsize=9)
+    handles = [plt.Line2D([], [], color=palette[v], marker="o", ls="", label=v) for v in sorted(rows["variant"].unique())]
+    handles += [plt.Line2D([], [], color="grey", marker=MARKERS[k % len(MARKERS)], ls="", label=f"guidance {g:g}")
+                for k, g in enumerate(guidances)]  # fmt: skip
+    handles += [plt.Line2D([], [], color="black", ls="--", label="Pareto frontier")]
+    top = 1 - 0.6 / fig.get_figheight()
+    title = f"{model}: quality against cost (bars: 95% bootstrap CI; faded: dominated even within the CIs)"
+    fig.suptitle(title, y=0.995, fontsize=10)
+    anchor = (0.5, 1 - 0.28 / fig.get_figheight())
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=anchor, ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def speedup_figure(speedups: Speedups, path: Path) -> Path:
+    """Speedup at matched quality (y) against training class and measured training cost (x), one
+    point per method, coloured by family; the closing chart of the seed talk."""
+    t = speedups.table
+    models = sorted(t["model"].unique()) if len(t) else []
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.5 * max(len(models), 1), 4.8), squeeze=False)
+    fam_colour = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
+    max_cost = float(t["train_cost_s"].max()) if len(t) else 0.0
+    for ax, model in zip(axes[0], models, strict=False):
+        sub = t[t["model"] == model]
+        matched = sub[sub["matched"]]
+        for band in range(len(TRAINING_CLASSES)):
+            if band % 2 == 0:
+                ax.axvspan(band - 0.5, band + 0.5, color="0.95", zorder=0)
+        for cls, grp in matched.groupby("training"):
+            band = TRAINING_CLASSES.index(cls) if cls in TRAINING_CLASSES else len(TRAINING_CLASSES)
+            for k, (_, s) in enumerate(grp.sort_values("method").iterrows()):
+                if max_cost > 0 and s["train_cost_s"] > 0:
+                    off = -0.3 + 0.6 * np.log1p(s["train_cost_s"]) / np.log1p(max_cost)
+                else:  # no training: spread the methods of the band so their labels stay apart
+                    off = -0.3 + 0.6 * (k + 0.5) / len(grp)
+                xpos = band + off
+                ax.scatter(xpos, s["speedup"], s=60, color=fam_colour.get(s["family"], "black"), edgecolor="black", zorder=3)
+                ref = " (ref)" if s["is_reference_method"] else ""
+                ax.annotate(f"{s['method']}{ref}\n{fmt.duration(s['train_cost_s'])}", (xpos, s["speedup"]), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        ax.axhline(1.0, color="black", lw=0.8, ls=":")
+        ax.set_xticks(range(len(TRAINING_CLASSES)), [TRAINING_NAMES[c] for c in TRAINING_CLASSES], fontsize=8)
+        ax.set_xlim(-0.5, len(TRAINING_CLASSES) - 0.5)
+        if len(matched) and (matched["speedup"] > 0).all():
+            ax.set_yscale("log")
+            ymin, ymax = matched["speedup"].min(), matched["speedup"].max()
+            ax.set_ylim(min(ymin, 1.0) / 1.6, max(ymax, 1.0) * 1.6)
+        ax.set_xlabel("training class (position within a class: measured training cost, log)")
+        ax.set_ylabel(f"speedup at matched {speedups.metric} (x reference)")
+        ax.set_title(f"{model}\nreference: {speedups.references[model].label}", fontsize=9)
+        missing = sub[~sub["matched"]]["method"].tolist()
+        if missing:
+            ax.text(0.01, 0.01, "no configuration within tolerance: " + ", ".join(missing), transform=ax.transAxes,
+                    fontsize=7, va="bottom", color="0.3")  # fmt: skip
+        ax.grid(alpha=0.3, axis="y")
+    fams = sorted(set(t["family"])) if len(t) else []
+    handles = [plt.Line2D([], [], color=fam_colour.get(f, "black"), marker="o", ls="", mec="black", label=f) for f in fams]
+    if handles:
+        fig.legend(handles=handles, loc="upper right", fontsize=8, title="family", title_fontsize=8)
+    fig.suptitle(
+        f"speedup at matched quality (reference {speedups.cost} / method's; {speedups.metric} within {speedups.tol:.0%} "
+        "of the reference) vs training cost",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

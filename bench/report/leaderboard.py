@@ -1,0 +1,89 @@
+"""The leaderboard: per model, methods ranked by speedup at matched quality, with cost, every
+metric with its CI, MMHM and training cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from bench.report import fmt
+from bench.report.data import higher_is_better, method_label
+from bench.report.matched import Speedups
+
+
+def mmhm_table(ok: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, dict[str, tuple[str, ...]]]:
+    """MMHM (bench.metrics.mmhm) of every finished job, normalised within each model; components:
+    the paper's or the offline stand-ins when the run has them, else all of the run's metrics."""
+    from bench.metrics.mmhm import default_components, mmhm
+
+    parts, used = [], {}
+    for model, g in ok.groupby("model", sort=True):
+        try:
+            comps = default_components(g)
+        except ValueError:
+            comps = tuple(m for m in metrics if g[m].notna().any())
+        if not comps:
+            continue
+        parts.append(mmhm(g, comps)[0][["mmhm", "mmhm_ci_low", "mmhm_ci_high"]])
+        used[str(model)] = comps
+    table = pd.concat(parts) if parts else pd.DataFrame(columns=["mmhm", "mmhm_ci_low", "mmhm_ci_high"])
+    return table, used
+
+
+@dataclass
+class Leaderboard:
+    """Per model: a header and rows of display strings (ranked), and the reference's label."""
+
+    header: list[str]
+    tables: dict[str, list[list[str]]]
+    row_classes: dict[str, list[str]]
+    references: dict[str, str]
+    mmhm_components: dict[str, tuple[str, ...]]
+
+    def markdown(self, speedups: Speedups) -> str:
+        out = []
+        for model, rows in self.tables.items():
+            out.append(f"### {model}\n")
+            out.append(
+                f"Reference: {self.references[model]}. Speedup = reference {speedups.cost} / {speedups.cost} of the "
+                f"method's cheapest configuration whose {speedups.metric} is within {speedups.tol:.0%} of the reference's "
+                "(FLOPs speedup: the same configuration's FLOPs ratio). "
+                f"MMHM over {', '.join(self.mmhm_components.get(model, ())) or '-'}, normalised over this model's jobs.\n"
+            )
+            out.append(fmt.markdown_table(self.header, rows))
+        return "\n".join(out)
+
+
+def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str]) -> Leaderboard:
+    """One row per method of each model: its matched configuration (or, for a method with none,
+    its best-quality configuration, unranked)."""
+    header = ["rank", "method", "steps", "w", "speedup", "FLOPs speedup", "NFE", "latency/img", "FLOPs/img"]
+    header += [f"{m} {'↑' if higher_is_better(m) else '↓'} [95% CI]" for m in metrics]
+    header += ["MMHM [CI from the metric CIs]", "training", "train cost"]
+    tables: dict[str, list[list[str]]] = {}
+    classes: dict[str, list[str]] = {}
+    refs: dict[str, str] = {}
+    mm, components = mmhm_table(ok, metrics)
+    for model, t in speedups.table.groupby("model", sort=True):
+        rows, cls = [], []
+        rank = 0
+        ref_idx = speedups.references[model].index
+        refs[model] = speedups.references[model].label
+        for _, s in t.iterrows():
+            r = ok.loc[s["row"]]
+            if s["matched"]:
+                rank += 1
+            speed = fmt.ratio(s["speedup"]) if s["matched"] else f"no match (best {fmt.num(r[speedups.metric])})"
+            name = method_label(r) + (" (reference)" if s["row"] == ref_idx else "")
+            row = [str(rank) if s["matched"] else "-", name, fmt.num(r["steps"]), fmt.num(r["guidance"]), speed]
+            row.append(fmt.ratio(s["speedup_flops"]) if s["matched"] else "-")
+            row += [fmt.num(r["nfe"]), f"{fmt.ms(r['latency_per_image_s'])}", fmt.flops(r["flops"])]
+            row += [fmt.ci(r[m], r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")) for m in metrics]
+            m = mm.loc[s["row"]] if s["row"] in mm.index else None
+            row.append("-" if m is None else fmt.ci(m["mmhm"], m["mmhm_ci_low"], m["mmhm_ci_high"], 3))
+            row += [str(r["training"]), fmt.duration(s["train_cost_s"])]
+            rows.append(row)
+            cls.append("reference" if s["row"] == ref_idx else ("" if s["matched"] else "nomatch"))
+        tables[model], classes[model] = rows, cls
+    return Leaderboard(header, tables, classes, refs, components)

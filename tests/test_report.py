@@ -1,0 +1,150 @@
+"""`bench report` on a tiny real run: the page, its figures, leaderboard and provenance."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from report_helpers import edit_results, tiny_run
+
+from bench.cli import main
+from bench.report import Report, build_report, fmt, load_run
+from bench.report.data import RunError, higher_is_better, resolve_run
+from bench.report.grids import image_strip
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return tiny_run(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Report]:
+    """One report of the tiny run, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("built")
+    run = tiny_run(root)
+    return run, build_report(run, out=root / "rep")
+
+
+def test_report_writes_page_figures_and_leaderboard(built):
+    run, rep = built
+    out = rep.dir
+    html = rep.index.read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "speedup_vs_training.png" in pngs
+    assert any(p.startswith("pareto_gmm") for p in pngs)
+    assert any(p.startswith("grid_gmm") for p in pngs)
+    # every figure is embedded (self-contained) and links to its file, byte for byte
+    embedded = re.findall(r'<a href="([^"]+)"><img src="data:image/png;base64,([^"]+)"', html)
+    assert sorted(name for name, _ in embedded) == pngs
+    for name, data in embedded:
+        raw = base64.b64decode(data)
+        assert raw.startswith(PNG) and raw == (out / name).read_bytes()
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    # provenance, read from run.json
+    rec = json.loads((run / "run.json").read_text())
+    for text in (rec["git_sha"][:12], rec["versions"]["torch"], rec["started"], "tiny", rec["device"]["platform"]):
+        assert text in html
+    assert "none is quoted" in html
+    # the reference and the tolerance are stated
+    ref = rep.speedups.references["gmm[dim=2,prediction=eps]"]
+    assert ref.label in html and "within <b>10%</b>" not in html and "<b>10%</b>" in html
+    assert "exact_mse" in html and "lower is better" in html
+
+
+def test_leaderboard_numbers_come_from_the_run(built):
+    run, rep = built
+    df = pd.read_parquet(run / "results.parquet")
+    md = (rep.dir / "leaderboard.md").read_text()
+    sp = rep.speedups.table
+    assert set(sp["method"]) == {"ddim", "euler"}
+    ref = df.loc[rep.speedups.references["gmm[dim=2,prediction=eps]"].index]
+    ref_line = next(line for line in md.splitlines() if "(reference)" in line)
+    assert fmt.ms(ref["latency_per_image_s"]) in ref_line
+    assert fmt.ci(ref["exact_mse"], ref["exact_mse_ci_low"], ref["exact_mse_ci_high"]) in ref_line
+    # ranks follow the speedups
+    ranked = sp[sp["matched"]]
+    assert list(ranked["speedup"]) == sorted(ranked["speedup"], reverse=True)
+    for _, s in ranked.iterrows():
+        r = df.loc[s["row"]]
+        assert s["speedup"] == pytest.approx(ref["latency_per_image_s"] / r["latency_per_image_s"])
+
+
+def test_reference_from_the_suite_record(run, tmp_path):
+    rec = json.loads((run / "run.json").read_text())
+    rec["suite"]["reference"] = [{"method": "euler", "steps": 3}]
+    (run / "run.json").write_text(json.dumps(rec))
+    rep = build_report(run, out=tmp_path / "rep")
+    ref = rep.speedups.references["gmm[dim=2,prediction=eps]"]
+    assert ref.rule == "given: method=euler,steps=3" and ref.label.startswith("euler 3 steps")
+    assert "given: method=euler,steps=3" in rep.index.read_text()
+
+
+def test_report_cli_with_baseline(run, tmp_path, capsys):
+    assert main(["report", str(run), "--out", str(tmp_path / "a"), "--baseline", str(run)]) == 0
+    assert "PASS" in (tmp_path / "a" / "compare.md").read_text()
+    bad = tmp_path / "bad" / "tiny-run"
+    shutil.copytree(run, bad)
+    edit_results(bad, lambda df: df.assign(nfe=df["nfe"] + 1))
+    assert main(["report", str(bad), "--out", str(tmp_path / "b"), "--baseline", str(run)]) == 1
+    page = (tmp_path / "b" / "index.html").read_text()
+    assert "FAIL" in page and "NFE up" in page
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "report",
+                str(run),
+                "--out",
+                str(tmp_path / "c"),
+                "--reference",
+                "method=ddim,steps=99,model=" + "gmm[dim=2,prediction=eps]",
+            ]
+        )
+        == 2
+    )
+    assert "matches no finished job" in capsys.readouterr().err
+    assert main(["report", str(run), "--out", str(tmp_path / "c"), "--metric", "fid"]) == 2
+
+
+def test_failed_jobs_are_listed(run, tmp_path):
+    def fail(df):
+        m = (df["method"] == "euler") & (df["steps"] == 3)
+        df.loc[m, "status"], df.loc[m, "error"] = "failed", "NonFiniteSamples: 3 of 64 samples contain NaN"
+        return df
+
+    edit_results(run, fail)
+    html = build_report(run, out=tmp_path / "rep").index.read_text()
+    assert "Failed jobs (1)" in html and "NonFiniteSamples: 3 of 64" in html
+
+
+def test_run_resolution(run, tmp_path):
+    root = tmp_path / "results"
+    assert resolve_run(str(run)) == run
+    assert resolve_run("tiny-run", results=root) == run
+    assert resolve_run("tiny/tiny-run", results=root) == run
+    assert resolve_run("tiny", results=root) == run  # a suite name: its latest run
+    assert load_run(run / "results.parquet").run_id == "tiny-run"
+    with pytest.raises(RunError, match="not found"):
+        resolve_run("nope", results=root)
+
+
+def test_directions_come_from_the_registry():
+    assert higher_is_better("class_acc") and not higher_is_better("fid") and not higher_is_better("exact_mse")
+
+
+def test_image_strip_keeps_seed_order():
+    x = np.stack([np.full((1, 4, 4), v) for v in (-1.0, 0.0, 1.0)])
+    strip = image_strip(x, 3)
+    assert strip.shape == (4, 3 * 5 - 1)
+    assert strip[0, 0] == 0.0 and strip[0, 5] == 0.5 and strip[0, 10] == 1.0
+    assert strip[0, 4] == 0.5  # separator column

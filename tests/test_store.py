@@ -1,0 +1,104 @@
+"""The job store and the trained-artifact store (built once under concurrency, crash-safe)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.store import ArtifactStore, JobStore, content_key, link_or_copy
+
+
+def test_content_key_ignores_key_order_and_sees_values():
+    assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
+    assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_job_store_round_trip_and_incomplete_entries(tmp_path):
+    store = JobStore(tmp_path)
+    x = np.arange(6.0).reshape(3, 2)
+    assert store.get("k1") is None
+    store.put("k1", {"status": "ok", "nfe": 5}, x)
+    got = store.get("k1")
+    assert got.row == {"status": "ok", "nfe": 5} and np.array_equal(np.load(got.samples), x)
+    # samples without a row (a writer killed between the two writes) is not an entry
+    (tmp_path / "jobs" / "k2").mkdir(parents=True)
+    np.save(tmp_path / "jobs" / "k2" / "samples.npy", x)
+    assert store.get("k2") is None
+    # no temp files are left behind
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_link_keeps_the_old_samples_when_the_entry_is_replaced(tmp_path):
+    store = JobStore(tmp_path / "store")
+    store.put("k", {"status": "ok"}, np.zeros(3))
+    dest = tmp_path / "run" / "samples.npy"
+    link_or_copy(store.get("k").samples, dest)
+    assert np.array_equal(np.load(dest), np.zeros(3))
+    store.put("k", {"status": "ok"}, np.ones(3))  # recomputed (--fresh): replaced by rename
+    assert np.array_equal(np.load(dest), np.zeros(3))
+    assert np.array_equal(np.load(store.get("k").samples), np.ones(3))
+
+
+def _build_in_process(root: str, spec: dict, log: str, sleep: float, start: float) -> str:
+    time.sleep(max(0.0, start - time.time()))  # all processes ask at about the same moment
+
+    def build(d: Path) -> dict:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(sleep)
+        (d / "weights.bin").write_bytes(b"trained")
+        return {"train_wall_s": sleep}
+
+    art = ArtifactStore(Path(root)).get_or_build(spec, build)
+    assert (art.path / "weights.bin").read_bytes() == b"trained"
+    return f"{art.path}|{art.built}"
+
+
+def test_artifact_is_trained_once_when_many_processes_ask_at_once(tmp_path):
+    spec = {"method": "toy_distill", "teacher": "abc", "steps": 10}
+    log = tmp_path / "builds.log"
+    start = time.time() + 0.5
+    ctx = mp.get_context("fork")  # the children do no torch work, so fork is safe and fast
+    with ctx.Pool(4) as pool:
+        res = pool.starmap(_build_in_process, [(str(tmp_path / "a"), spec, str(log), 1.0, start)] * 4)
+    assert len(log.read_text().split()) == 1  # built by exactly one process
+    paths = {r.split("|")[0] for r in res}
+    assert len(paths) == 1 and sorted(r.split("|")[1] for r in res) == ["False", "False", "False", "True"]
+    meta = ArtifactStore(tmp_path / "a").get(spec).meta
+    assert meta["spec"] == spec and meta["train_wall_s"] == 1.0 and meta["build_wall_s"] >= 1.0
+
+
+def test_failed_build_leaves_nothing_and_the_next_caller_builds(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def broken(d: Path) -> None:
+        (d / "half").write_text("x")
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        store.get_or_build("spec", broken)
+    assert store.get("spec") is None and not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+    art = store.get_or_build("spec", lambda d: (d / "ok").write_text("y") and None)
+    assert art.built and (art.path / "ok").read_text() == "y"
+    assert store.get_or_build("spec", broken).built is False  # found: the builder is not called again
+
+
+def _die_while_building(root: str) -> None:
+    def build(d: Path) -> None:
+        os._exit(3)  # killed mid-training while holding the lock
+
+    ArtifactStore(Path(root)).get_or_build("s", build)
+
+
+def test_a_builder_that_dies_releases_the_lock(tmp_path):
+    p = mp.get_context("fork").Process(target=_die_while_building, args=(str(tmp_path),))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 3
+    art = ArtifactStore(tmp_path).get_or_build("s", lambda d: (d / "w").write_text("z") and None)
+    assert art.built and (art.path / "w").read_text() == "z"
