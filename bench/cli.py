@@ -150,6 +150,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             metric=args.metric,
             quality_tol=args.match_tol,
             cost=args.cost,
+            match_ci=not args.no_match_ci,
         )
     except RunError as e:
         print(f"bench report: {e}", file=sys.stderr)
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--metric", help="quality metric for matched quality (default: the suite's first metric)")
     s.add_argument("--match-tol", type=float, default=0.10, help="relative quality tolerance for matched quality (0.10)")
+    s.add_argument("--no-match-ci", action="store_true", help="match on the tolerance alone, not widened by the reference's CI")
     s.add_argument("--cost", default="latency_per_image_s", choices=["latency_per_image_s", "nfe", "flops"], help="speedup cost")
     s.add_argument("--screenshot", action="store_true", help="open the page in headless Chromium, check it, save screenshot.png")
     s.set_defaults(fn=cmd_report)

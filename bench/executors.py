@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from bench.suite import Job, Suite
 
@@ -186,7 +187,9 @@ class LocalExecutor(Executor):
                 "use --executor ray --workers N to run jobs in parallel"
             )
         self._saved_threads = torch.get_num_threads()
+        self._blas = None
         if threads is not None:
+            self._blas = threadpool_limits(limits=threads)  # numpy's BLAS too (metrics use it)
             torch.set_num_threads(threads)
         self.device = device
         self.workers = 1
@@ -214,6 +217,9 @@ class LocalExecutor(Executor):
         return [_worker_outcome(task, lambda: execute(self.models, task, suite, self.device), self.info)]
 
     def close(self) -> None:
+        if self._blas is not None:
+            self._blas.restore_original_limits()
+            self._blas = None
         torch.set_num_threads(self._saved_threads)
 
 
@@ -224,6 +230,7 @@ class RayWorker:
         import ray
 
         os.environ.update(env)
+        threadpool_limits(limits=threads)  # numpy's BLAS too: its thread count changes metric sums
         torch.set_num_threads(threads)
         self.device = device
         self.models = ModelCache()
@@ -324,6 +331,9 @@ class RayExecutor(Executor):
                 ncpu = (self.workers if self.requested_workers else (os.cpu_count() or 1)) * self.threads
                 with loopback_ray():
                     ray.init(
+                        # "local": always a new Ray of our own, never the last cluster recorded in
+                        # /tmp/ray/ray_current_cluster (possibly another user's, or long dead)
+                        address="local",
                         num_cpus=max(ncpu, 1),
                         num_gpus=torch.cuda.device_count() if cuda else 0,
                         include_dashboard=False,

@@ -2,8 +2,8 @@
 
 NFE comes from a probe: each training-free job's sampler is run on one sample with the
 harness's forward counter (the same count ``run_job`` reports). Time comes from a probe per
-model: the median wall time of one network call at the suite's batch size (with and without
-the classifier-free-guidance doubling). Network calls per job = NFE x (batches + warm-up
+model: the median wall time of one network call on a small batch (with and without the
+classifier-free-guidance doubling), scaled to the suite's batch size. Network calls per job = NFE x (batches + warm-up
 batches); the estimate covers sampling only, not metrics or training.
 """
 
@@ -13,6 +13,8 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +33,35 @@ def _cfg_rows(job: Job, num_classes: int | None) -> int:
     return 2 if num_classes is not None and job.guidance != 1.0 else 1
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def probe_nfe(job: Job, bundle: Any, device: str) -> float:
-    """Network evaluations per sample of ``job``'s sampler, counted on one sample."""
+    """Network evaluations per sample of ``job``'s sampler, counted on one sample.
+
+    At one torch thread: a batch of one gains nothing from more, and on busy cores a
+    multi-threaded small op can wait far longer for its threads than it computes."""
     sampler = METHODS.get(job.method)(**dict(job.knobs)).prepare(bundle, job.steps)
     gens = generators(job.seed, [0], device)
     z = noise(gens, bundle.sample_shape, bundle.dtype, device)
     cond = torch.zeros(1, dtype=torch.long, device=device) if bundle.num_classes is not None else None
-    with ForwardCounter(bundle.denoiser.net) as counter, torch.no_grad():
+    with ForwardCounter(bundle.denoiser.net) as counter, torch.no_grad(), _torch_threads(1):
         sampler(z, cond, job.guidance, gens)
     return counter.rows / _cfg_rows(job, bundle.num_classes)
 
 
-def probe_call_seconds(bundle: Any, batch: int, guided: bool, device: str, repeats: int = 3) -> float:
-    """Median wall seconds of one denoiser call on ``batch`` samples (CFG doubles the rows)."""
+def probe_call_seconds(bundle: Any, batch: int, guided: bool, device: str, repeats: int = 2, probe_batch: int = 16) -> float:
+    """Wall seconds of one denoiser call on ``batch`` samples (CFG doubles the rows): the median
+    of ``repeats`` timed calls on ``min(batch, probe_batch)`` samples, scaled linearly in rows
+    (a cheap probe; it errs high where small batches use the device less well)."""
+    full, batch = batch, min(batch, probe_batch)
     gens = generators(0, range(batch), device)
     x = noise(gens, bundle.sample_shape, bundle.dtype, device)
     cond = torch.arange(batch, device=device) % bundle.num_classes if bundle.num_classes is not None else None
@@ -58,7 +76,7 @@ def probe_call_seconds(bundle: Any, batch: int, guided: bool, device: str, repea
             sync(device)
             if i:  # the first call is warm-up
                 times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times) * full / batch
 
 
 def plan_suite(
@@ -99,7 +117,8 @@ def plan_suite(
         if probe:
             key = (job.model.label, cfg == 2)
             if key not in call_s:
-                call_s[key] = probe_call_seconds(bundle, bs, cfg == 2, dev)
+                with _torch_threads(n_threads):  # as the run's workers will
+                    call_s[key] = probe_call_seconds(bundle, bs, cfg == 2, dev)
             est_s = nfe * batches * call_s[key]
         cached = bool(store and (hit := store.get(p.store_key)) is not None and hit.row.get("status") == "ok")
         rows.append(
@@ -170,7 +189,7 @@ def format_plan(plan: dict[str, Any]) -> str:
             "(metrics and training not included)"
         )
         for k, v in plan["call_s"].items():
-            lines.append(f"  probe: one network call of {k}: {1e3 * v:.2f} ms")
+            lines.append(f"  probe: one network call of {k} at the suite's batch size: {1e3 * v:.2f} ms")
     if any(r["nfe_source"] != "probe" for r in plan["jobs"]):
         lines.append("NFE marked ~ is the step count, not a probe")
     return "\n".join(lines)

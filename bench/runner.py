@@ -341,7 +341,7 @@ def run_suite(
     results_dir = Path(results_dir)
     out = results_dir / suite.name / run_id
     jobstore = JobStore(Path(store) if store else results_dir / STORE_DIRNAME)
-    session = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    session = f"{dt.datetime.now():%Y%m%d-%H%M%S-%f}-{os.getpid()}"  # unique even for two sessions in one second
     key_device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     key_threads = threads or (1 if kind == "ray" else torch.get_num_threads())
     ex: Executor = make_executor(kind, device, workers, threads, address)  # checks the settings; starts nothing

@@ -65,6 +65,11 @@ NOTES = """\
 - **Coarse grids.** Heun and PNDM (trapezoidal/RK corrections across a huge first step in sigma_bar)
   blow up on the coarsest AYS/GITS grids of the VP gmm (e.g. Heun, 5 NFE); that is the algorithms
   on those grids, not a failure, and the harness records it.
+- **Singlestep DPM-Solver on the digits teachers.** With the noise prediction, orders 2-3 at 5-10
+  NFE are worse than DDIM on both teachers (FID 2.0-3.7 at 5 NFE) although they converge at order 3
+  on gmm; taking the outer points from a one-level-per-evaluation schedule was tried and measured
+  worse (see ``methods/solvers/dpm_solver.py``). The data-prediction solvers (DPM-Solver++, UniPC)
+  do not show it.
 - **GITS** is calibrated once per teacher (100 iPNDM steps on a Karras grid, 64 draws, guidance
   ``calib_guidance``); the DP uses GITS's coefficient 1.15 and one-step Euler costs in the solver
   frame. Its cost is reported as the jobs' training cost (``train_cost_s``).
@@ -162,11 +167,21 @@ def acceptance_3(dg: pd.DataFrame) -> list[str]:
             )
         at50 = g[(g["steps"] == 50) & g["method"].isin(DETERMINISTIC) & (g["schedule"] == "uniform")]
         spread = at50["fid"].max() - at50["fid"].min()
+        ok = "within" if spread <= 0.05 * at50["fid"].median() else "NOT within"
         converged = g[(g["steps"] == 50) & (g["label"] == "unipc")]["fid"].iloc[0]
         out.append(f"- {model}: FID of the 50-NFE UniPC (ODE) solution {converged:.4f}.")
+        if ref["fid"] < converged and any(at10.loc[m]["fid"] >= ref["fid"] for m in ("dpmpp_2m", "unipc")):
+            out.append(
+                f"- {model}: why not: {base}'s 10-NFE FID ({ref['fid']:.4f}) is below the FID of the ODE solution itself "
+                f"({converged:.4f}), so its solver error happens to move samples the way these features favour; the "
+                "higher-order solvers are the ones closer to the ODE solution (RMS distances above), and the 10-NFE FID "
+                f"differences ({abs(at10.loc['dpmpp_2m']['fid'] - ref['fid']):.3f}) are far inside the bootstrap CIs "
+                f"(width ~{ref['fid_ci_high'] - ref['fid_ci_low']:.2f} at 256 samples)."
+            )
         out.append(
             f"- {model}, 50 NFE: the {len(at50)} deterministic solvers' FIDs span {at50['fid'].min():.4f}-"
-            f"{at50['fid'].max():.4f} (spread {spread:.4f}, {100 * spread / at50['fid'].median():.1f}% of the median)."
+            f"{at50['fid'].max():.4f} (spread {spread:.4f}, {100 * spread / at50['fid'].median():.1f}% of the median): "
+            f"{ok} the stated tolerance of 5% of the median."
         )
     return out
 
@@ -203,8 +218,11 @@ def main() -> None:
             f"| {name} | {len(df)} | {int((df['status'] != 'ok').sum())} | {f'{sec // 60} min {sec % 60} s' if sec else '?'} |"
         )
     if times:
-        tot = sum(times.values())
-        L.append(f"| **all** | {len(gmm) + len(dg) + len(sched)} | | **{tot // 60} min {tot % 60} s** |")
+        full = sum(times.get(n, 0) for n in ("solvers", "solvers-digits", "solvers-digits-schedules"))
+        L.append(f"| **all three** | {len(gmm) + len(dg) + len(sched)} | | **{full // 60} min {full % 60} s** |")
+        for name, sec in times.items():
+            if "rerun" in name:
+                L.append(f"| {name} (jobs of one method re-run after a fix) | | | {sec // 60} min {sec % 60} s |")
     L += [
         "",
         "NFE is what the harness counted; where it differs from the column's budget it is given in",
@@ -259,7 +277,16 @@ def main() -> None:
         for s in SCHEDULES:
             L += [f"#### schedule: {s}", "", pivot_table(g[g["schedule"] == s], "exact_mse"), ""]
     L += ["## gmm: sliced Wasserstein distance to exact samples (stochastic solvers), uniform schedule", ""]
-    stoch = gmm[gmm["method"].isin(["ddpm", "euler_ancestral", "dpmpp_2m_sde"]) & (gmm["schedule"] == "uniform")]
+    L += [
+        "128 samples per job, so even the exact ODE solution (the `unipc` row, a deterministic solver at",
+        "its most accurate) sits at a sampling floor of ~0.25; `tests/test_solvers_order.py` checks the",
+        "stochastic solvers' convergence in distribution with 1000 samples.",
+        "",
+    ]
+    stoch = gmm[
+        (gmm["method"].isin(["ddpm", "euler_ancestral", "dpmpp_2m_sde"]) | (gmm["label"] == "unipc"))
+        & (gmm["schedule"] == "uniform")
+    ]
     for model, g in stoch.groupby("model"):
         L += [f"### {model}", "", pivot_table(g, "swd", 2), ""]
     L += ["## Notes", "", NOTES]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import bench.runner
 from bench.cli import main
@@ -124,6 +125,19 @@ def test_progress_display_shows_done_total_running_failed_and_eta(tmp_path, caps
     assert "tiny p" in err and "4/4" in err and "2/4" in err  # done/total as jobs finish
     assert "running 1 | failed 0" in err and "reused 0" in err
     assert re.search(r"\d\d:\d\d<\d\d:\d\d", err)  # elapsed<ETA
+
+
+def test_local_threads_apply_to_torch_and_blas_and_are_restored():
+    """Bitwise-equal results across executors need equal thread counts in torch and in numpy's
+    BLAS (KID's matrix products at 300 samples differ by 1e-13 between 1 and 2 BLAS threads)."""
+    from threadpoolctl import threadpool_info
+
+    before = (torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()])
+    ex = make_executor("local", threads=1)
+    assert torch.get_num_threads() == 1 and all(i["num_threads"] == 1 for i in threadpool_info())
+    assert ex.info["threads"] == 1
+    ex.close()
+    assert (torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()]) == before
 
 
 def test_bad_executor_settings_name_the_fix(tmp_path, capsys):

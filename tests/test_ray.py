@@ -95,10 +95,18 @@ def cluster():
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         mp.setenv("RAY_AUTH_MODE", "token")
         mp.setattr(rc, "ENABLE_RAY_CLUSTER", False)
+        # Cluster() records its address in /tmp/ray/ray_current_cluster, where any later plain
+        # ray.init() on this machine would find it (and, once we stop it, fail on a dead address)
+        mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
         if not (Path.home() / ".ray" / "auth_token").is_file() and "RAY_AUTH_TOKEN" not in os.environ:
             subprocess.run([Path(sys.executable).parent / "ray", "get-auth-token", "--generate"], check=True, capture_output=True)
         c = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 1,
+                "node_ip_address": "127.0.0.1",
+                "include_dashboard": False,
+            },
         )
         session = c.head_node.get_session_dir_path()
         try:

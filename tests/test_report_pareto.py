@@ -167,7 +167,7 @@ def test_tied_guidance_scales_go_to_the_better_quality():
 def test_speedup_at_matched_quality_by_hand():
     ok = table(ROWS)
     refs = choose_references(ok, "fid")
-    sp = matched_speedups(ok, "fid", refs, tol=0.15).table.set_index("method")
+    sp = matched_speedups(ok, "fid", refs, tol=0.15, match_ci=False).table.set_index("method")
     # reference fid 9.5, tolerance 15%: anything with fid <= 10.925 matches
     # ddim: 50 steps (10.0) and 20 steps (10.8) match, 10 steps (14.0) does not -> fastest is 20 steps
     assert sp.loc["ddim", "matched"]
@@ -192,12 +192,28 @@ def test_speedup_at_matched_quality_by_hand():
 def test_tolerance_changes_the_match():
     ok = table(ROWS)
     refs = choose_references(ok, "fid")
-    tight = matched_speedups(ok, "fid", refs, tol=0.0).table.set_index("method")
+    tight = matched_speedups(ok, "fid", refs, tol=0.0, match_ci=False).table.set_index("method")
     # at zero tolerance only configurations at least as good as the reference (9.5) match:
     # ddim at 100 steps, w=1 (9.0); dpmpp_2m only at its reference configuration
     assert ok.loc[tight.loc["ddim", "row"], "steps"] == 100
     assert tight.loc["dpmpp_2m", "speedup"] == pytest.approx(1.0)
     assert not tight.loc["lcm", "matched"]
+
+
+def test_reference_ci_widens_the_match():
+    ok = table(ROWS)  # fid CIs are +-10% of the value: the reference's (9.5) upper half-width is 0.95
+    refs = choose_references(ok, "fid")
+    wide = matched_speedups(ok, "fid", refs, tol=0.15).table.set_index("method")
+    # margin = 0.95 + 0.15 * 9.5 = 2.375: fid <= 11.875 matches, still not ddim's 10 steps (14.0)
+    assert ok.loc[wide.loc["ddim", "row"], "steps"] == 20
+    # at zero tolerance the CI alone still admits lcm (10.2 <= 10.45)
+    ci_only = matched_speedups(ok, "fid", refs, tol=0.0).table.set_index("method")
+    assert ci_only.loc["lcm", "matched"]
+    assert not matched_speedups(ok, "fid", refs, tol=0.0, match_ci=False).table.set_index("method").loc["lcm", "matched"]
+    assert within_tolerance(10.45, 9.5, False, 0.0, 8.55, 10.45)
+    assert not within_tolerance(10.46, 9.5, False, 0.0, 8.55, 10.45)
+    # higher is better: the lower half-width counts
+    assert within_tolerance(0.85, 0.9, True, 0.0, 0.85, 0.99) and not within_tolerance(0.84, 0.9, True, 0.0, 0.85, 0.99)
 
 
 def test_higher_is_better_metric_matches_downwards():

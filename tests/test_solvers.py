@@ -268,11 +268,3 @@ def test_ddim_is_unchanged():
 def test_ipndm_coefficients_are_equal_step_adams_bashforth():
     for k, c in IPNDM_COEFFS.items():
         np.testing.assert_allclose(c, lagrange_integrals(-np.arange(k, dtype=float)), rtol=1e-12)
-
-
-def test_dpm_solver_outer_steps_are_group_boundaries_of_the_nfe_schedule():
-    b = build_model("gmm", dim=2, prediction="eps")
-    m = METHODS.get("dpm_solver")(budget="nfe", order=3)
-    m.prepare(b, 10)
-    assert m._orders == [3, 3, 3, 1]
-    np.testing.assert_array_equal(m.grid.t, S.uniform(VP, 10)[[0, 3, 6, 9, 10]])

@@ -46,6 +46,7 @@ def build_report(
     metric: str | None = None,
     quality_tol: float = DEFAULT_QUALITY_TOL,
     cost: str = "latency_per_image_s",
+    match_ci: bool = True,
     compare_quality_tol: float | None = None,
     compare_speed_tol: float | None = None,
 ) -> Report:
@@ -74,7 +75,7 @@ def build_report(
     suite = run.record.get("suite") or {}
     specs = list(reference) or specs_from(suite.get("reference"))
     refs = choose_references(ok, metric, specs)
-    sp = matched_speedups(ok, metric, refs, quality_tol, cost)
+    sp = matched_speedups(ok, metric, refs, quality_tol, cost, match_ci)
     palette = colours(sorted({method_label(r) for _, r in ok.iterrows()}))
     lb = build_leaderboard(ok, sp, metrics)
     sections: list[tuple[str, str, str]] = []
@@ -83,8 +84,8 @@ def build_report(
     ref_rows = [[m, r.label, r.rule] for m, r in refs.items()]
     how = (
         f"<p>Quality metric for matching: <b>{esc(metric)}</b> ({'higher' if higher_is_better(metric) else 'lower'} is "
-        f"better, from the metric registry). A configuration <i>matches</i> when its {esc(metric)} is no worse than the "
-        f"reference's by more than <b>{quality_tol:.0%}</b> of the reference value. <i>Speedup at matched quality</i> of a "
+        f"better, from the metric registry). A configuration <i>matches</i> when its <b>{esc(sp.rule())}</b>. "
+        "<i>Speedup at matched quality</i> of a "
         f"method = reference {esc(cost)} / {esc(cost)} of the method's cheapest matching configuration (any knobs, steps, "
         "guidance). MMHM (arXiv 2603.14186): each component metric min-max normalised over all finished jobs of the model "
         "(1 = best), harmonic mean of the components; components: "
@@ -113,7 +114,7 @@ def build_report(
     # speedup versus training cost
     png = speedup_figure(sp, out / "speedup_vs_training.png")
     cap = (
-        f"One point per method: y = speedup at matched {esc(metric)} (within {quality_tol:.0%} of the reference), "
+        f"One point per method: y = speedup at matched quality ({esc(sp.rule())}), "
         "x = training class, position within the class by measured training cost; colours: family."
     )
     sections.append(("speedup", "Speedup versus training cost", figure(png, cap, "speedup versus training cost")))

@@ -134,12 +134,14 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
                 if max_cost > 0 and s["train_cost_s"] > 0:
                     off = -0.3 + 0.6 * np.log1p(s["train_cost_s"]) / np.log1p(max_cost)
                 else:  # no training: spread the methods of the band so their labels stay apart
-                    off = -0.3 + 0.6 * (k + 0.5) / len(grp)
+                    off = -0.4 + 0.8 * (k + 0.5) / len(grp)
                 xpos = band + off
                 ax.scatter(xpos, s["speedup"], s=60, color=fam_colour.get(s["family"], "black"), edgecolor="black", zorder=3)
                 ref = " (ref)" if s["is_reference_method"] else ""
+                right = k % 2 == 0  # alternate sides so that neighbours' labels do not overlap
                 ax.annotate(f"{s['method']}{ref}\n{fmt.duration(s['train_cost_s'])}", (xpos, s["speedup"]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")  # fmt: skip
+                            xytext=(5, 3) if right else (-5, -14), ha="left" if right else "right",
+                            textcoords="offset points")  # fmt: skip
         ax.axhline(1.0, color="black", lw=0.8, ls=":")
         ax.set_xticks(range(len(TRAINING_CLASSES)), [TRAINING_NAMES[c] for c in TRAINING_CLASSES], fontsize=8)
         ax.set_xlim(-0.5, len(TRAINING_CLASSES) - 0.5)
@@ -147,6 +149,8 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
             ax.set_yscale("log")
             ymin, ymax = matched["speedup"].min(), matched["speedup"].max()
             ax.set_ylim(min(ymin, 1.0) / 1.6, max(ymax, 1.0) * 1.6)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if str(f"{v:g}")[0] in "25" else ""))
         ax.set_xlabel("training class (position within a class: measured training cost, log)")
         ax.set_ylabel(f"speedup at matched {speedups.metric} (x reference)")
         ax.set_title(f"{model}\nreference: {speedups.references[model].label}", fontsize=9)
@@ -160,11 +164,10 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
     if handles:
         fig.legend(handles=handles, loc="upper right", fontsize=8, title="family", title_fontsize=8)
     fig.suptitle(
-        f"speedup at matched quality (reference {speedups.cost} / method's; {speedups.metric} within {speedups.tol:.0%} "
-        "of the reference) vs training cost",
+        f"speedup at matched quality (reference {speedups.cost} / method's) vs training cost\nmatched: {speedups.rule()}",
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+    fig.tight_layout(rect=(0, 0, 0.9, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -47,12 +47,24 @@ class Leaderboard:
             out.append(f"### {model}\n")
             out.append(
                 f"Reference: {self.references[model]}. Speedup = reference {speedups.cost} / {speedups.cost} of the "
-                f"method's cheapest configuration whose {speedups.metric} is within {speedups.tol:.0%} of the reference's "
-                "(FLOPs speedup: the same configuration's FLOPs ratio). "
+                f"method's cheapest configuration whose {speedups.rule()} (FLOPs speedup: the same configuration's "
+                "FLOPs ratio). "
                 f"MMHM over {', '.join(self.mmhm_components.get(model, ())) or '-'}, normalised over this model's jobs.\n"
             )
             out.append(fmt.markdown_table(self.header, rows))
         return "\n".join(out)
+
+
+def cost_and_quality(
+    r: pd.Series, metrics: list[str], mm: pd.DataFrame, idx: int, train_cost_s: float | None = None
+) -> list[str]:
+    """The leaderboard cells after the speedups: cost, every metric with CI, MMHM, training."""
+    cells = [fmt.num(r["nfe"]), fmt.ms(r["latency_per_image_s"]), fmt.flops(r["flops"])]
+    cells += [fmt.ci(r[m], r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")) for m in metrics]
+    m = mm.loc[idx] if idx in mm.index else None
+    cells.append("-" if m is None else fmt.ci(m["mmhm"], m["mmhm_ci_low"], m["mmhm_ci_high"], 3))
+    cost = r.get("train_cost_s") if train_cost_s is None else train_cost_s
+    return cells + [str(r["training"]), fmt.duration(cost)]
 
 
 def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str]) -> Leaderboard:
@@ -70,20 +82,21 @@ def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str]) 
         rank = 0
         ref_idx = speedups.references[model].index
         refs[model] = speedups.references[model].label
+        rr = ok.loc[ref_idx]
+        rows.append(
+            ["ref", method_label(rr) + " (reference)", fmt.num(rr["steps"]), fmt.num(rr["guidance"]), "1x", "1x"]
+            + cost_and_quality(rr, metrics, mm, ref_idx)
+        )
+        cls.append("reference")
         for _, s in t.iterrows():
             r = ok.loc[s["row"]]
             if s["matched"]:
                 rank += 1
             speed = fmt.ratio(s["speedup"]) if s["matched"] else f"no match (best {fmt.num(r[speedups.metric])})"
-            name = method_label(r) + (" (reference)" if s["row"] == ref_idx else "")
+            name = method_label(r) + (" (= reference)" if s["row"] == ref_idx else "")
             row = [str(rank) if s["matched"] else "-", name, fmt.num(r["steps"]), fmt.num(r["guidance"]), speed]
             row.append(fmt.ratio(s["speedup_flops"]) if s["matched"] else "-")
-            row += [fmt.num(r["nfe"]), f"{fmt.ms(r['latency_per_image_s'])}", fmt.flops(r["flops"])]
-            row += [fmt.ci(r[m], r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")) for m in metrics]
-            m = mm.loc[s["row"]] if s["row"] in mm.index else None
-            row.append("-" if m is None else fmt.ci(m["mmhm"], m["mmhm_ci_low"], m["mmhm_ci_high"], 3))
-            row += [str(r["training"]), fmt.duration(s["train_cost_s"])]
-            rows.append(row)
-            cls.append("reference" if s["row"] == ref_idx else ("" if s["matched"] else "nomatch"))
+            rows.append(row + cost_and_quality(r, metrics, mm, s["row"], s["train_cost_s"]))
+            cls.append("" if s["matched"] else "nomatch")
         tables[model], classes[model] = rows, cls
     return Leaderboard(header, tables, classes, refs, components)

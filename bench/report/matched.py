@@ -5,14 +5,18 @@
    suite's ``reference:`` entry); if it leaves fields open, the rule below picks among the
    jobs it matches;
 2. otherwise the rule: among finished jobs of training-free solvers (family ``solver``,
-   training ``free``) at the model's most common guidance scale (ties: the larger scale), the
-   one with the most NFE; ties go to the better quality, then to the method name.
+   training ``free``) at the model's most common guidance scale, the one with the most NFE;
+   ties (between equally common scales, then between jobs) go to the better quality, then to
+   the method name.
 
 *Matched quality*: a configuration matches when its quality metric is no worse than the
-reference's by more than ``tol`` times the reference value (relative tolerance; the direction
-of "worse" comes from the registry). *Speedup at matched quality* of a method: reference cost
-divided by the cost of the cheapest configuration of that method (any knobs, steps, guidance)
-that matches. Cost is the median latency per image unless another cost column is chosen.
+reference's by more than the margin ``tol * |reference|`` plus, by default, the half-width of
+the reference's 95% CI on the worse side (the same rule as ``bench compare`` uses for a
+regression: a difference the reference's own measurement cannot resolve is not held against a
+configuration). The direction of "worse" comes from the metric registry. *Speedup at matched
+quality* of a method: reference cost divided by the cost of the cheapest configuration of that
+method (any knobs, steps, guidance) that matches. Cost is the median latency per image unless
+another cost column is chosen.
 """
 
 from __future__ import annotations
@@ -144,11 +148,16 @@ def worse_by(value: float, ref: float, higher: bool) -> float:
     return (ref - value) if higher else (value - ref)
 
 
-def within_tolerance(value: float, ref: float, higher: bool, tol: float) -> bool:
-    """Quality no worse than the reference by more than ``tol * |ref|``."""
+def within_tolerance(
+    value: float, ref: float, higher: bool, tol: float, ref_low: float = np.nan, ref_high: float = np.nan
+) -> bool:
+    """Quality no worse than the reference by more than ``tol * |ref|`` plus the reference's CI
+    half-width on the worse side (pass no CI to use the tolerance alone)."""
     if np.isnan(value) or np.isnan(ref):
         return False
-    return worse_by(value, ref, higher) <= tol * abs(ref) + 1e-12 * max(1.0, abs(ref))
+    half = (ref - ref_low) if higher else (ref_high - ref)
+    half = 0.0 if np.isnan(half) else max(half, 0.0)
+    return worse_by(value, ref, higher) <= half + tol * abs(ref) + 1e-12 * max(1.0, abs(ref))
 
 
 def _most_common_guidances(rows: pd.DataFrame) -> list[float]:
@@ -220,7 +229,13 @@ class Speedups:
     metric: str
     tol: float
     cost: str = "latency_per_image_s"
+    match_ci: bool = True
     notes: list[str] = field(default_factory=list)
+
+    def rule(self) -> str:
+        """The matching rule in words, for reports."""
+        ci = " plus the half-width of the reference's 95% CI on the worse side" if self.match_ci else ""
+        return f"{self.metric} is no worse than the reference's by more than {self.tol:.0%} of the reference value{ci}"
 
 
 def matched_speedups(
@@ -229,9 +244,11 @@ def matched_speedups(
     references: dict[str, Reference],
     tol: float = DEFAULT_QUALITY_TOL,
     cost: str = "latency_per_image_s",
+    match_ci: bool = True,
 ) -> Speedups:
-    """For each method of each model, the cheapest configuration within ``tol`` of the
-    reference's quality, and reference cost / its cost (also in NFE, FLOPs and latency).
+    """For each method of each model, the cheapest configuration that matches the reference's
+    quality (``tol`` plus, with ``match_ci``, the reference's CI half-width), and reference cost /
+    its cost (also in NFE, FLOPs and latency).
 
     Methods with no matching configuration get ``matched=False``, NaN speedups, and their
     best-quality configuration in ``row`` (so the leaderboard can still show it).
@@ -246,7 +263,8 @@ def matched_speedups(
         rows = ok[(ok["model"] == model) & ok[metric].notna()]
         r = ok.loc[ref.index]
         for method, mrows in rows.groupby("method", sort=True):
-            match = mrows[[within_tolerance(float(q), float(r[metric]), higher, tol) for q in mrows[metric]]]
+            lo, hi = (float(r.get(f"{metric}_ci_{e}", np.nan)) if match_ci else np.nan for e in ("low", "high"))
+            match = mrows[[within_tolerance(float(q), float(r[metric]), higher, tol, lo, hi) for q in mrows[metric]]]
             rec: dict[str, Any] = {
                 "model": model,
                 "method": method,
@@ -280,4 +298,4 @@ def matched_speedups(
         table = table.sort_values(["model", "matched", "speedup"], ascending=[True, False, False], kind="stable").reset_index(
             drop=True
         )
-    return Speedups(table, references, metric, tol, cost)
+    return Speedups(table, references, metric, tol, cost, match_ci)

@@ -3,10 +3,11 @@ in lambda = log(alpha / sigma) with the noise prediction.
 
 Each outer step s -> t (h = lambda_t - lambda_s) of order k evaluates the model at s and at k - 1
 intermediate points at lambda_s + r h (r = 1/2 for DPM-Solver-2; r1 = 1/3, r2 = 2/3 for
-DPM-Solver-3), exactly Algorithms 1 and 2 of the paper. The schedule is built with one level
-per network evaluation and the outer steps start at its levels at the group boundaries. The final
-step into sigma = 0 (lambda = inf) cannot be subdivided in lambda and is first order (the model's
-x0 prediction) from the schedule's last level. With ``budget: nfe`` the outer steps and their orders follow the paper's
+DPM-Solver-3), exactly Algorithms 1 and 2 of the paper. The schedule gives the outer steps. The
+final step into sigma = 0 (lambda = inf) cannot be subdivided in lambda and is first order (the
+model's x0 prediction). (Taking the outer points from a one-level-per-evaluation schedule instead,
+so that the final jump starts closer to the data, was measured to be worse on both digits teachers:
+it makes the last high-order steps longer in lambda, where the noise prediction's errors grow.) With ``budget: nfe`` the outer steps and their orders follow the paper's
 DPM-Solver-fast rule for an NFE budget: as many order-k steps as fit, the remainder as one
 lower-order step, then the final step.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from bench import schedules as S
@@ -95,15 +95,6 @@ class DPMSolver(GridSolver):
 
     def grid_steps(self, steps: int) -> int:
         return len(self.orders(steps))
-
-    def timesteps(self, bundle, n):
-        """Outer steps from the schedule of one level per network evaluation: the outer points are
-        that schedule's levels at the group boundaries, so the first-order step into sigma = 0
-        starts from the schedule's last (least noisy) level, not from a whole outer step away."""
-        orders = self._orders
-        fine = super().timesteps(bundle, sum(orders))
-        starts = np.concatenate([[0], np.cumsum(orders)])
-        return fine[starts]
 
     def sample(self, model, x, grid, generators):
         orders = self._orders if len(self._orders) == grid.steps else order_list(grid.steps, self.config["order"])
