@@ -186,3 +186,28 @@ class UnitCounter:
     @property
     def fraction(self) -> float:
         return self.computed / self.called if self.called else 1.0
+
+
+UNIT_COLUMNS = ("units_called", "units_computed", "units_fraction")
+
+
+def cache_units(method: Any, net: nn.Module) -> dict[str, nn.Module]:
+    """The units a caching adapter may skip: its ``units(model)`` on the diffusers model it hooks
+    (``net.transformer`` / ``net.unet`` of the digits wrappers, else ``net``); ``{}`` for a method
+    without ``units`` (solvers, students)."""
+    units = getattr(method, "units", None)
+    if units is None:
+        return {}
+    subs = [getattr(net, a, None) for a in ("transformer", "unet")]
+    return units(next((m for m in subs if isinstance(m, nn.Module)), net))
+
+
+def units_of(units: dict[str, nn.Module], fn: Callable[[], Any]) -> dict[str, float]:
+    """Blocks entered and blocks really computed during one call of ``fn`` (an untimed counting
+    pass: the counter's torch-function mode slows every op), as the row's ``units_*`` columns;
+    NaN for a method without units."""
+    if not units:
+        return dict.fromkeys(UNIT_COLUMNS, float("nan"))
+    with UnitCounter(units) as uc:
+        fn()
+    return {"units_called": float(uc.called), "units_computed": float(uc.computed), "units_fraction": uc.fraction}

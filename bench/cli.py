@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.cli_metrics import add_parsers
 
     add_parsers(sub)  # weights, ref, mmhm
+    from bench.calibrate import add_parser as add_calibrate_parser
+
+    add_calibrate_parser(sub)  # calibrate
     return p
 
 

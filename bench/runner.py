@@ -29,7 +29,16 @@ import torch
 from tqdm import tqdm
 
 import bench
-from bench.accounting import ForwardCounter, flops_of, median_iqr, peak_memory_bytes, reset_peak_memory, timed
+from bench.accounting import (
+    ForwardCounter,
+    cache_units,
+    flops_of,
+    median_iqr,
+    peak_memory_bytes,
+    reset_peak_memory,
+    timed,
+    units_of,
+)
 from bench.executors import EXECUTORS, Executor, ExecutorError, ModelCache, Task, make_executor
 from bench.io import atomic_write, write_json
 from bench.metrics import MetricContext
@@ -46,6 +55,9 @@ REQUIRED_COLUMNS = [
     "guidance", "nfe", "flops", "latency_s", "latency_iqr_s", "peak_mem_bytes", "train_cost_s",
     "n_samples", "seed", "git_sha",
 ]  # fmt: skip
+
+
+UNIT_BATCH = 2  # samples in the blocks-computed counting pass of caching jobs
 
 
 class NonFiniteSamples(RuntimeError):
@@ -95,7 +107,9 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
         )
     peak_mem = peak_memory_bytes(device)  # of sampling alone, before FLOP counting and metrics
     nfe = counter.rows / (n * cfg_rows)
-    flops = flops_of(lambda: call(0, 1))
+    flops = flops_of(lambda: call(0, 1))  # the sampler as timed: a cache's hooks are installed, so skipped blocks cost nothing
+    # blocks a cache entered and really computed, in a separate untimed pass on a small batch
+    units = units_of(cache_units(method, bundle.denoiser.net), lambda: call(0, min(UNIT_BATCH, n)))
     lat, iqr = median_iqr(times)
     row: dict[str, Any] = {
         "status": "ok",
@@ -110,6 +124,7 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
         "nfe": nfe,
         "network_calls": counter.calls,
         "flops": flops,
+        **units,
         "latency_s": lat,
         "latency_iqr_s": iqr,
         "latency_per_image_s": lat / bs,

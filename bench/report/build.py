@@ -12,6 +12,7 @@ import yaml
 
 from bench.paths import REPO
 from bench.report import fmt
+from bench.report.cache_speedups import cache_speedups, cache_speedups_html, cache_speedups_markdown
 from bench.report.charts import colours, pareto_figure, speedup_figure
 from bench.report.data import Run, RunError, config_label, higher_is_better, load_run, method_label
 from bench.report.grids import grid_figures, slug
@@ -68,7 +69,7 @@ def build_report(
         raise RunError(f"metric {metric!r} has no values in {run.path}; choose one of {', '.join(metrics)}")
     out = Path(out) if out is not None else REPORTS / run.run_id
     out.mkdir(parents=True, exist_ok=True)
-    for pattern in ("pareto_*.png", "grid_*.png", "speedup_vs_training.png", "screenshot.png", "compare.md"):
+    for pattern in ("pareto_*.png", "grid_*.png", "speedup_vs_training.png", "screenshot.png", "compare.md", "cache_speedups.md"):
         for old in out.glob(pattern):  # figures of an earlier report of this run: the page must show only this one's
             old.unlink()
 
@@ -110,6 +111,12 @@ def build_report(
     sections.append(("leaderboard", "Leaderboard", "\n".join(body)))
     md = f"# Leaderboard: {run.suite_name} / {run.run_id}\n\n" + lb.markdown(sp)
     (out / "leaderboard.md").write_text(md)
+
+    # caching jobs: FLOPs-implied against measured speedup over the uncached reference
+    cs = cache_speedups(ok, specs)
+    if len(cs):
+        sections.append(("caching", "Caching: FLOPs-implied and measured speedups", cache_speedups_html(cs)))
+        (out / "cache_speedups.md").write_text(cache_speedups_markdown(cs))
 
     # speedup versus training cost
     png = speedup_figure(sp, out / "speedup_vs_training.png")
