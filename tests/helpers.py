@@ -19,6 +19,24 @@ def random_bundle(kind: str = "eps", seed: int = 0) -> ModelBundle:
     return ModelBundle(f"random-{kind}", Denoiser(net, kind, sch, NULL_CLASS), (1, 16, 16), "image", 10, weights_hash="random")
 
 
+def tiny_flux_model():
+    """A random-weight diffusers FluxTransformer2DModel of 2 double and 2 single blocks (8 channels, 16 tokens)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
 def tiny_suite(metrics=(), warmup: int = 0, **kw) -> Suite:
     return Suite(
         name="t",

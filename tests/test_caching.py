@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-from helpers import random_bundle
+from diffusers import UNet2DConditionModel
+from helpers import random_bundle, tiny_flux_model
 from torch import nn
 
 import methods.caching  # noqa: F401  (registers the caches)
@@ -128,18 +128,7 @@ def flux_args(model, seed: int):
 
 @pytest.fixture(scope="module")
 def tiny_flux():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    return tiny_flux_model()
 
 
 def test_fora_reuses_attention_and_mlp_between_full_passes(tiny_flux):

@@ -9,8 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
-from helpers import random_bundle
+from helpers import random_bundle, tiny_flux_model
 
 import methods.caching  # noqa: F401  (registers the caches)
 import methods.solvers  # noqa: F401
@@ -124,18 +123,7 @@ def test_on_digits_dit(method, off, on):
 
 @pytest.fixture(scope="module")
 def tiny_flux():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    return tiny_flux_model()
 
 
 def test_delta_dit_schedule():

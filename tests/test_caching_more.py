@@ -7,8 +7,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
-from helpers import random_bundle
+from helpers import random_bundle, tiny_flux_model
 from torch import nn
 
 import methods.caching  # noqa: F401  (registers the caches)
@@ -123,18 +122,7 @@ def test_bad_knobs_fail_clearly(bundle):
 
 @pytest.fixture(scope="module")
 def tiny_flux():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    return tiny_flux_model()
 
 
 def flux_args(model, seed: int, t: float = 0.5):

@@ -84,19 +84,22 @@ class StepState(BaseState):
         self.full = True
 
 
-class StepClockHook(ModelHook):
-    """Root hook: before each model forward, decide from the call index whether it is a full pass."""
+class CallClockHook(ModelHook):
+    """Root hook of a scheduled cache: ``begin(state)`` sets up each model forward (``state.call``
+    is the index of the network call), and the call is counted when the forward returns."""
 
     _is_stateful = True
 
-    def __init__(self, state: StateManager, is_full: Callable[[int], bool]) -> None:
+    def __init__(self, state: StateManager) -> None:
         super().__init__()
         self.state_manager = state
-        self.is_full = is_full
+
+    def begin(self, s: Any) -> None:
+        raise NotImplementedError
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         s = self.state_manager.get_state()
-        s.full = self.is_full(s.call)
+        self.begin(s)
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
@@ -105,6 +108,17 @@ class StepClockHook(ModelHook):
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state_manager.reset()
         return module
+
+
+class StepClockHook(CallClockHook):
+    """Root hook: before each model forward, decide from the call index whether it is a full pass."""
+
+    def __init__(self, state: StateManager, is_full: Callable[[int], bool]) -> None:
+        super().__init__(state)
+        self.is_full = is_full
+
+    def begin(self, s: Any) -> None:
+        s.full = self.is_full(s.call)
 
 
 class ReuseOutputHook(ModelHook):

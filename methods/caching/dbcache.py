@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from bench.adapter import Knob, register_method
-from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, block_lists, register
+from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, CallClockHook, block_lists, register
 
 CLOCK_HOOK = "dbcache_clock"
 HEAD_HOOK = "dbcache_head"
@@ -75,26 +75,11 @@ def _join(meta: Any, like: Any, hs: torch.Tensor, ehs: torch.Tensor | None) -> A
     return tuple(out)
 
 
-class DBClockHook(ModelHook):
+class DBClockHook(CallClockHook):
     """Root hook: starts each call un-skipped and counts finished calls."""
 
-    _is_stateful = True
-
-    def __init__(self, state: StateManager) -> None:
-        super().__init__()
-        self.state_manager = state
-
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        s = self.state_manager.get_state()
+    def begin(self, s: Any) -> None:
         s.skip = False
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            s.call += 1
-
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.state_manager.reset()
-        return module
 
 
 class DBHeadHook(ModelHook):

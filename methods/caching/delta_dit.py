@@ -26,7 +26,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 
 from bench.adapter import Knob, register_method
-from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, block_lists, register
+from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, CallClockHook, block_lists, register
 
 CLOCK_HOOK = "delta_dit_clock"
 BLOCK_HOOK = "delta_dit_block"
@@ -113,30 +113,18 @@ def schedule(call: int, steps: int, interval: int, boundary: float) -> tuple[boo
     return rear, (call - start) % interval == 0
 
 
-class DeltaClockHook(ModelHook):
+class DeltaClockHook(CallClockHook):
     """Root hook: decides each call's stage and whether it is full; counts calls."""
 
-    _is_stateful = True
-
     def __init__(self, state: StateManager, steps: int, interval: int, boundary: float) -> None:
-        super().__init__()
-        self.state_manager = state
+        super().__init__(state)
         self.steps, self.interval, self.boundary = steps, interval, boundary
 
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        s = self.state_manager.get_state()
+    def begin(self, s: Any) -> None:
         rear, full = schedule(s.call, self.steps, self.interval, self.boundary)
         if rear != s.rear or s.delta is None:
             full, s.delta = True, None  # a new stage (or nothing cached yet) starts with a full pass
         s.rear, s.full = rear, full
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            s.call += 1
-
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.state_manager.reset()
-        return module
 
 
 class DeltaBlockHook(ModelHook):
