@@ -37,6 +37,23 @@ def tiny_flux_model():
     ).eval()
 
 
+def flux_args(model, seed: int, t: float = 0.5) -> dict:
+    """Keyword arguments of one call of ``tiny_flux_model()``: a batch of 2, 4x4 image tokens, 3 text tokens."""
+    torch.manual_seed(seed)
+    ids = torch.zeros(16, 3)
+    ids[:, 1] = torch.arange(16) // 4
+    ids[:, 2] = torch.arange(16) % 4
+    return dict(
+        hidden_states=torch.randn(2, 16, model.config.in_channels),
+        encoder_hidden_states=torch.randn(2, 3, model.config.joint_attention_dim),
+        pooled_projections=torch.randn(2, model.config.pooled_projection_dim),
+        timestep=torch.tensor([t, t]),
+        img_ids=ids,
+        txt_ids=torch.zeros(3, 3),
+        return_dict=False,
+    )
+
+
 def tiny_suite(metrics=(), warmup: int = 0, **kw) -> Suite:
     return Suite(
         name="t",

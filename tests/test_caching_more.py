@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import random_bundle, tiny_flux_model
+from helpers import flux_args, random_bundle, tiny_flux_model
 from torch import nn
 
 import methods.caching  # noqa: F401  (registers the caches)
@@ -123,22 +123,6 @@ def test_bad_knobs_fail_clearly(bundle):
 @pytest.fixture(scope="module")
 def tiny_flux():
     return tiny_flux_model()
-
-
-def flux_args(model, seed: int, t: float = 0.5):
-    torch.manual_seed(seed)
-    ids = torch.zeros(16, 3)
-    ids[:, 1] = torch.arange(16) // 4
-    ids[:, 2] = torch.arange(16) % 4
-    return dict(
-        hidden_states=torch.randn(2, 16, model.config.in_channels),
-        encoder_hidden_states=torch.randn(2, 3, model.config.joint_attention_dim),
-        pooled_projections=torch.randn(2, model.config.pooled_projection_dim),
-        timestep=torch.tensor([t, t]),
-        img_ids=ids,
-        txt_ids=torch.zeros(3, 3),
-        return_dict=False,
-    )
 
 
 def calls(model: nn.Module, ad, kwargs_list, units=None, steps: int = 10):
