@@ -307,13 +307,18 @@ class _Progress:
         self.failed = self.retried = 0
         self.reused = reused
         self.running = 0
+        # a terminal redraws one line in place; a log file (CI, nohup) gets a new line per refresh
+        self.tty = sys.stderr.isatty()
+        self._last = ""
 
     def show(self, running: int | None = None, advance: int = 0) -> None:
         if running is not None:
             self.running = running
-        self.bar.set_postfix_str(
-            f"running {self.running} | failed {self.failed} | retried {self.retried} | reused {self.reused}", refresh=False
-        )
+        post = f"running {self.running} | failed {self.failed} | retried {self.retried} | reused {self.reused}"
+        if not advance and not self.tty and post == self._last:
+            return  # nothing new to write to a log
+        self._last = post
+        self.bar.set_postfix_str(post, refresh=False)
         self.bar.update(advance) if advance else self.bar.refresh()
 
     def close(self) -> None:

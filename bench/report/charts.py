@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from bench.adapter import FAMILIES, TRAINING_CLASSES  # noqa: E402
 from bench.report import fmt  # noqa: E402
@@ -122,6 +125,7 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
     fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.5 * max(len(models), 1), 4.8), squeeze=False)
     fam_colour = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
     max_cost = float(t["train_cost_s"].max()) if len(t) else 0.0
+    labels: dict[Any, list[tuple[float, float, str]]] = {}
     for ax, model in zip(axes[0], models, strict=False):
         sub = t[t["model"] == model]
         matched = sub[sub["matched"]]
@@ -138,10 +142,8 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
                 xpos = band + off
                 ax.scatter(xpos, s["speedup"], s=60, color=fam_colour.get(s["family"], "black"), edgecolor="black", zorder=3)
                 ref = " (ref)" if s["is_reference_method"] else ""
-                right = k % 2 == 0  # alternate sides so that neighbours' labels do not overlap
-                ax.annotate(f"{s['method']}{ref}\n{fmt.duration(s['train_cost_s'])}", (xpos, s["speedup"]), fontsize=7,
-                            xytext=(5, 3) if right else (-5, -14), ha="left" if right else "right",
-                            textcoords="offset points")  # fmt: skip
+                cost = f"\n{fmt.duration(s['train_cost_s'])}" if s["train_cost_s"] > 0 else ""
+                labels.setdefault(ax, []).append((xpos, float(s["speedup"]), f"{s['method']}{ref}{cost}"))
         ax.axhline(1.0, color="black", lw=0.8, ls=":")
         ax.set_xticks(range(len(TRAINING_CLASSES)), [TRAINING_NAMES[c] for c in TRAINING_CLASSES], fontsize=8)
         ax.set_xlim(-0.5, len(TRAINING_CLASSES) - 0.5)
@@ -168,6 +170,55 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 0.9, 0.93))
+    for ax, items in labels.items():  # after the layout: placement works in display coordinates
+        place_labels(ax, items)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# label offsets tried around a point, in points: right, left, above, below, then further out
+_OFFSETS = [(6, 2, "left", "bottom"), (-6, 2, "right", "bottom"), (6, -4, "left", "top"), (-6, -4, "right", "top"),
+            (0, 8, "center", "bottom"), (0, -8, "center", "top"), (6, 8, "left", "bottom"), (-6, 8, "right", "bottom"),
+            (6, -10, "left", "top"), (-6, -10, "right", "top")]  # fmt: skip
+
+
+def place_labels(ax: Any, items: list[tuple[float, float, str]], fontsize: float = 7) -> None:
+    """Annotate each (x, y, text) next to its point where it overlaps no label placed before and no
+    point, trying the offsets of ``_OFFSETS`` at growing distances (with a leader line when far);
+    if none is free, the least-overlapping position is kept. Greedy, top to bottom."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    points = [ax.transData.transform((x, y)) for x, y, _ in items]
+    dots = [Bbox.from_extents(px - 5, py - 5, px + 5, py + 5) for px, py in points]
+    placed: list[Bbox] = []
+    for x, y, text in sorted(items, key=lambda it: -it[1]):
+        best: tuple[float, Any, Bbox] | None = None
+        for scale in (1, 2, 3, 4.5, 6.5, 9):
+            for dx, dy, ha, va in _OFFSETS:
+                far = scale > 1
+                ann = ax.annotate(text, (x, y), xytext=(dx * scale, dy * scale), textcoords="offset points", ha=ha, va=va,
+                                  fontsize=fontsize, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5} if far else None)  # fmt: skip
+                ann.update_positions(renderer)
+                box = Text.get_window_extent(ann, renderer)  # the label alone, not its leader line
+                clash = sum(_overlap(box, b) for b in placed + dots) + 10 * (box.width * box.height - _overlap(box, frame))
+                if best is None or clash < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (clash, ann, box)
+                else:
+                    ann.remove()
+                if clash == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        if best is not None:
+            placed.append(best[2])
+
+
+def _overlap(a: Bbox, b: Bbox) -> float:
+    """Area of the intersection of two display boxes (0 when apart)."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return max(w, 0.0) * max(h, 0.0)
