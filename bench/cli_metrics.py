@@ -93,8 +93,27 @@ def cmd_mmhm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_paired(args: argparse.Namespace) -> int:
+    from bench.metrics.paired import paired_between
+
+    try:
+        rows, diffs = paired_between(Path(args.run), args.a, args.b, args.metric, args.bootstrap)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"bench paired: {e}", file=sys.stderr)
+        return 2
+    for tag, r in zip("AB", rows, strict=True):
+        print(f"{tag}: {r['job_id']}  {r['model']} {r['method']} {r['knobs']} {r['steps']} steps w={r['guidance']:g}")
+    print(f"paired over {diffs[0].n} shared seeds, {args.bootstrap} bootstrap draws (95% intervals):")
+    for d in diffs:
+        verdict = ("A better" if d.a_better else "B better") if d.significant else "no significant difference"
+        print(
+            f"  {d.metric:<12} A {d.a:.4g}  B {d.b:.4g}  A-B {d.diff.value:+.4g} [{d.diff.ci_low:+.4g}, {d.diff.ci_high:+.4g}]  {verdict}"
+        )
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``weights``, ``ref`` and ``mmhm`` to the ``bench`` command line."""
+    """Add ``weights``, ``ref``, ``mmhm`` and ``paired`` to the ``bench`` command line."""
     s = sub.add_parser("weights", help="the metrics' weights: list them, fetch them into $BENCH_HOME, verify checksums")
     s.add_argument("action", choices=["list", "fetch", "verify"])
     s.add_argument("names", nargs="*", help="catalogue names (default: all for list/verify)")
@@ -121,3 +140,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--save-bounds", help="save this run's bounds (JSON) for later runs")
     s.add_argument("--by", help="normalise within groups of this column (e.g. model) instead of across the run")
     s.set_defaults(fn=cmd_mmhm)
+    s = sub.add_parser("paired", help="paired difference of two jobs of a run that share seeds (bootstrap over the same draws)")
+    s.add_argument("run", help="a run directory (results/<suite>/<run-id>) with the jobs' samples")
+    s.add_argument("a", help="job A: a job id, or a spec such as model=digits-unet,method=dpmpp_2m,steps=10,guidance=1")
+    s.add_argument("b", help="job B: a job id or a spec")
+    s.add_argument("--metric", action="append", help="metric (repeatable; default: the run's metrics that need no reference)")
+    s.add_argument("--bootstrap", type=int, default=200, help="bootstrap draws (200)")
+    s.set_defaults(fn=cmd_paired)

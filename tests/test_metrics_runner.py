@@ -146,3 +146,40 @@ def test_paired_comparison_of_two_jobs_of_a_run(tmp_path):
     (tmp_path / "jobs/b/row.json").write_text(json.dumps({"seed": 1, "n_samples": 60}))
     with pytest.raises(ValueError, match="do not share seeds"):
         paired_from_run(tmp_path, "a", "b", ["fid"], bundle)
+
+
+PAIRED_SUITE = """
+name: paired
+n_samples: 24
+batch_size: 24
+bootstrap: 5
+models: [digits-unet]
+methods: [ddim]
+steps: [2, 6]
+guidance: [1.0]
+metrics: [fid, class_acc, psnr]
+reference: {model: digits-unet, method: ddim, steps: 6, guidance: 1.0}
+timing: {warmup: 0}
+"""
+
+
+def test_bench_paired_command_pairs_two_jobs_of_a_run(tmp_path, capsys):
+    """`bench paired RUN A B`: jobs chosen by spec, the paired difference equals the difference of the
+    rows' values, metrics needing the reference configuration are left out by default; an
+    ambiguous spec and an unpairable metric are errors that name the fix."""
+    path = tmp_path / "paired.yaml"
+    path.write_text(PAIRED_SUITE)
+    run = run_suite(load_suite(path), "p", tmp_path / "res", progress=False)
+    df = pd.read_parquet(run / "results.parquet").set_index("steps")
+    capsys.readouterr()
+    assert main(["paired", str(run), "method=ddim,steps=2", "method=ddim,steps=6", "--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "paired over 24 shared seeds" in out and "psnr" not in out.split("paired over")[1]
+    for m in ("fid", "class_acc"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(m))
+        diff = float(line.split("A-B")[1].split()[0])
+        assert diff == pytest.approx(df.loc[2, m] - df.loc[6, m], abs=5e-4)
+    assert main(["paired", str(run), "method=ddim", df.loc[6, "job_id"]]) == 2
+    assert "2 finished jobs match 'method=ddim'" in capsys.readouterr().err
+    assert main(["paired", str(run), "method=ddim,steps=2", "method=ddim,steps=6", "--metric", "psnr"]) == 2
+    assert "choose another --metric" in capsys.readouterr().err

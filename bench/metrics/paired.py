@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,3 +81,64 @@ def paired_from_run(
         ctxs[0].__dict__.pop("rng", None)  # the same draws for every metric
         out.append(paired_difference(m, *ctxs))
     return out
+
+
+# what a metric may consume beyond the samples, labels and model, which paired_from_run does not load
+UNPAIRABLE = {"baseline", "start states", "prompts", "reference"}
+
+
+def select_job(df: Any, text: str) -> Any:
+    """The one finished row of ``df`` named by a job id or by a spec ``key=value,...`` (model,
+    method, steps, guidance, knobs); several or no matches are an error that lists candidates."""
+    from bench.report.matched import ReferenceSpec
+
+    ok = df[df["status"] == "ok"]
+    if "=" not in text:
+        hit = ok[ok["job_id"] == text]
+    else:
+        spec = ReferenceSpec.parse(text)
+        hit = ok[[(spec.model is None or r["model"] == spec.model) and spec.selects(r) for _, r in ok.iterrows()]]
+    if len(hit) != 1:
+        some = ", ".join(
+            f"{r['job_id']} ({r['model']} {r['method']} {r['steps']} steps w={r['guidance']:g})"
+            for _, r in hit.head(6).iterrows()
+        )
+        what = f"{len(hit)} finished jobs match {text!r}" + (f": {some}; add fields to the spec" if len(hit) else "")
+        raise ValueError(
+            what + ("" if len(hit) else "; give a job id of results.parquet or model=...,method=...,steps=...,guidance=...")
+        )
+    return hit.iloc[0]
+
+
+def paired_between(
+    run_dir: Path, a: str, b: str, metrics: list[str] | None = None, bootstrap: int = 200
+) -> tuple[list[dict[str, Any]], list[PairedDifference]]:
+    """Rows of jobs ``a`` and ``b`` of a finished run and their paired differences on ``metrics``
+    (default: the suite's metrics that need no reference configuration)."""
+    import pandas as pd
+
+    from bench.models import build_model
+    from bench.suite import ModelSpec
+
+    run_dir = Path(run_dir)
+    df = pd.read_parquet(run_dir / "results.parquet")
+    record = json.loads((run_dir / "run.json").read_text())
+    ra, rb = (select_job(df, t) for t in (a, b))
+    if ra["model"] != rb["model"]:
+        raise ValueError(f"jobs of different models ({ra['model']}, {rb['model']}) have no paired samples; pick two of one model")
+    specs = [ModelSpec(m["name"], dict(m.get("options") or {})) for m in record["suite"]["models"]]
+    spec = next((m for m in specs if m.label == ra["model"]), None)
+    if spec is None:
+        raise ValueError(f"model {ra['model']!r} is not in the run's suite ({', '.join(m.label for m in specs)})")
+    if metrics is None:  # what samples, labels and the model alone determine
+        metrics = [m for m in record["suite"]["metrics"] if not set(METRICS.entry(m).meta["consumes"]) & UNPAIRABLE]
+    for m in metrics:
+        if set(METRICS.entry(m).meta["consumes"]) & UNPAIRABLE:
+            raise ValueError(
+                f"{m} consumes {METRICS.entry(m).meta['consumes']}, which bench paired does not load; choose another --metric"
+            )
+    if not metrics:
+        raise ValueError("none of the run's metrics can be paired here; pass --metric (e.g. fid, kid, class_acc)")
+    bundle = build_model(spec.name, **spec.options)
+    rows = [{k: r[k] for k in ("job_id", "model", "method", "knobs", "steps", "guidance")} for r in (ra, rb)]
+    return rows, paired_from_run(run_dir, ra["job_id"], rb["job_id"], metrics, bundle, bootstrap)
