@@ -65,6 +65,7 @@ def pareto_figure(ok: pd.DataFrame, model: str, metrics: list[str], path: Path, 
     # a cost the run did not measure (e.g. FLOPs of an analytic model: no torch ops) gets no column
     costs = [c for c in COST_COLUMNS if (pd.to_numeric(rows[c], errors="coerce") > 0).any()]
     fig, axes = plt.subplots(len(metrics), len(costs), figsize=(5.2 * len(costs), 3.9 * len(metrics)), squeeze=False)
+    front_labels: dict[Any, list[tuple[float, float, str]]] = {}
     for i, m in enumerate(metrics):
         higher = higher_is_better(m)
         sub = rows[rows[m].notna()]
@@ -85,9 +86,11 @@ def pareto_figure(ok: pd.DataFrame, model: str, metrics: list[str], path: Path, 
                     ms=7 if on else 5, mec="black" if on else palette[r["variant"]], mew=1.2 if on else 0.5,
                     capsize=2, elinewidth=0.8, zorder=3 if on else 2,
                 )  # fmt: skip
-                text = f"{r['method']} {int(r['steps'])}" if on else str(int(r["steps"]))
-                ax.annotate(text, (x[k], y[k]), fontsize=6.5 if on else 5.5, xytext=(3, 3), textcoords="offset points",
-                            alpha=1.0 if plaus else 0.5)  # fmt: skip
+                if on:  # frontier labels are placed apart from each other once the layout is final
+                    front_labels.setdefault(ax, []).append((float(x[k]), float(y[k]), f"{r['method']} {int(r['steps'])}"))
+                else:
+                    ax.annotate(str(int(r["steps"])), (x[k], y[k]), fontsize=5.5, xytext=(3, 3), textcoords="offset points",
+                                alpha=1.0 if plaus else 0.5)  # fmt: skip
             order = front.order(x)
             if len(order):
                 ax.step(x[order], y[order], where="post", color="black", lw=1, ls="--", zorder=1)
@@ -112,6 +115,8 @@ def pareto_figure(ok: pd.DataFrame, model: str, metrics: list[str], path: Path, 
     anchor = (0.5, 1 - 0.28 / fig.get_figheight())
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=anchor, ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, top))
+    for ax, items in front_labels.items():
+        place_labels(ax, items, fontsize=6.5)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
