@@ -149,3 +149,35 @@ def test_image_strip_keeps_seed_order():
     assert strip.shape == (4, 3 * 5 - 1)
     assert strip[0, 0] == 0.0 and strip[0, 5] == 0.5 and strip[0, 10] == 1.0
     assert strip[0, 4] == 0.5  # separator column
+
+
+def test_paired_section_against_the_reference(tmp_path):
+    """A digits run keeps its samples: the report pairs each leaderboard configuration with the
+    reference over the shared seeds; the difference is the difference of the rows' values and its
+    interval is narrower than either job's own CI."""
+    import pandas as pd
+
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "name: p\nn_samples: 40\nbatch_size: 40\nbootstrap: 20\nmodels: [digits-unet]\nmethods: [ddim, dpmpp_2m]\n"
+        "steps: [6, 8]\nguidance: [1.0]\nmetrics: [fid]\ntiming: {warmup: 0}\n"
+        "reference: {model: digits-unet, method: ddim, steps: 8, guidance: 1.0}\n"
+    )
+    run = run_suite(load_suite(path), "p", tmp_path / "res", progress=False)
+    # every method matches; cheapest by NFE (deterministic, unlike latency): ddim 6 and dpmpp_2m 6
+    rep = build_report(run, out=tmp_path / "rep", match_ci=False, quality_tol=10.0, cost="nfe")
+    assert "Paired against the reference" in rep.index.read_text()
+    lines = [ln for ln in (rep.dir / "paired.md").read_text().splitlines() if ln.startswith("| digits-unet")]
+    df = pd.read_parquet(run / "results.parquet")
+    ref = df[(df["method"] == "ddim") & (df["steps"] == 8)].iloc[0]
+    assert len(lines) == 2  # dpmpp_2m's matched configuration, and ddim's cheaper one (not the reference itself)
+    for ln in lines:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        method, steps = cells[1].split()[0], int(cells[1].split()[1])
+        row = df[(df["method"] == method) & (df["steps"] == steps)].iloc[0]
+        diff, lo, hi = (float(v) for v in cells[4].replace("[", " ").replace("]", " ").replace(",", " ").split())
+        assert diff == pytest.approx(row["fid"] - ref["fid"], rel=1e-3, abs=1e-3)
+        assert lo <= diff <= hi and hi - lo < min(row["fid_ci_high"] - row["fid_ci_low"], ref["fid_ci_high"] - ref["fid_ci_low"])

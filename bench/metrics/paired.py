@@ -117,28 +117,38 @@ def paired_between(
     (default: the suite's metrics that need no reference configuration)."""
     import pandas as pd
 
-    from bench.models import build_model
-    from bench.suite import ModelSpec
-
     run_dir = Path(run_dir)
     df = pd.read_parquet(run_dir / "results.parquet")
     record = json.loads((run_dir / "run.json").read_text())
     ra, rb = (select_job(df, t) for t in (a, b))
     if ra["model"] != rb["model"]:
         raise ValueError(f"jobs of different models ({ra['model']}, {rb['model']}) have no paired samples; pick two of one model")
-    specs = [ModelSpec(m["name"], dict(m.get("options") or {})) for m in record["suite"]["models"]]
-    spec = next((m for m in specs if m.label == ra["model"]), None)
-    if spec is None:
-        raise ValueError(f"model {ra['model']!r} is not in the run's suite ({', '.join(m.label for m in specs)})")
+    bundle = run_bundle(record, ra["model"])
     if metrics is None:  # what samples, labels and the model alone determine
-        metrics = [m for m in record["suite"]["metrics"] if not set(METRICS.entry(m).meta["consumes"]) & UNPAIRABLE]
+        metrics = [m for m in record["suite"]["metrics"] if pairable(m)]
     for m in metrics:
-        if set(METRICS.entry(m).meta["consumes"]) & UNPAIRABLE:
+        if not pairable(m):
             raise ValueError(
                 f"{m} consumes {METRICS.entry(m).meta['consumes']}, which bench paired does not load; choose another --metric"
             )
     if not metrics:
         raise ValueError("none of the run's metrics can be paired here; pass --metric (e.g. fid, kid, class_acc)")
-    bundle = build_model(spec.name, **spec.options)
     rows = [{k: r[k] for k in ("job_id", "model", "method", "knobs", "steps", "guidance")} for r in (ra, rb)]
     return rows, paired_from_run(run_dir, ra["job_id"], rb["job_id"], metrics, bundle, bootstrap)
+
+
+def pairable(metric: str) -> bool:
+    """Whether ``paired_from_run`` can compute ``metric`` (it loads samples, labels and the model only)."""
+    return not set(METRICS.entry(metric).meta["consumes"]) & UNPAIRABLE
+
+
+def run_bundle(record: dict[str, Any], label: str) -> Any:
+    """The model bundle of a run's model ``label`` (e.g. ``gmm[dim=2]``), from its run.json record."""
+    from bench.models import build_model
+    from bench.suite import ModelSpec
+
+    specs = [ModelSpec(m["name"], dict(m.get("options") or {})) for m in record["suite"]["models"]]
+    spec = next((m for m in specs if m.label == label), None)
+    if spec is None:
+        raise ValueError(f"model {label!r} is not in the run's suite ({', '.join(m.label for m in specs)})")
+    return build_model(spec.name, **spec.options)

@@ -19,6 +19,8 @@ from bench.report.grids import grid_figures, slug
 from bench.report.html import esc, figure, page
 from bench.report.leaderboard import build_leaderboard
 from bench.report.matched import DEFAULT_QUALITY_TOL, ReferenceSpec, Speedups, choose_references, matched_speedups, specs_from
+from bench.report.paired import HEADER as PAIRED_HEADER
+from bench.report.paired import paired_rows
 
 if TYPE_CHECKING:
     from bench.compare import Comparison
@@ -69,7 +71,15 @@ def build_report(
         raise RunError(f"metric {metric!r} has no values in {run.path}; choose one of {', '.join(metrics)}")
     out = Path(out) if out is not None else REPORTS / run.run_id
     out.mkdir(parents=True, exist_ok=True)
-    for pattern in ("pareto_*.png", "grid_*.png", "speedup_vs_training.png", "screenshot.png", "compare.md", "cache_speedups.md"):
+    for pattern in (
+        "pareto_*.png",
+        "grid_*.png",
+        "speedup_vs_training.png",
+        "screenshot.png",
+        "compare.md",
+        "cache_speedups.md",
+        "paired.md",
+    ):
         for old in out.glob(pattern):  # figures of an earlier report of this run: the page must show only this one's
             old.unlink()
 
@@ -111,6 +121,17 @@ def build_report(
     sections.append(("leaderboard", "Leaderboard", "\n".join(body)))
     md = f"# Leaderboard: {run.suite_name} / {run.run_id}\n\n" + lb.markdown(sp)
     (out / "leaderboard.md").write_text(md)
+
+    # the leaderboard's configurations against the reference, paired over the shared seeds
+    prs = paired_rows(run, ok, sp)
+    if prs:
+        intro = (
+            f"<p>{esc(metric)} of each leaderboard configuration minus the reference's, bootstrapped over the same index "
+            "draws for both (every job samples seed k for sample k): the variation the two share cancels, so this interval "
+            "is much narrower than the two separate CIs. <i>indistinguishable</i>: the 95% interval contains 0.</p>"
+        )
+        sections.append(("paired", "Paired against the reference", intro + fmt.html_table(PAIRED_HEADER, prs)))
+        (out / "paired.md").write_text(f"# Paired {metric} against the reference\n\n" + fmt.markdown_table(PAIRED_HEADER, prs))
 
     # caching jobs: FLOPs-implied against measured speedup over the uncached reference
     cs = cache_speedups(ok, specs)

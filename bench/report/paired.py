@@ -1,0 +1,46 @@
+"""Each leaderboard configuration against its model's reference, paired over the shared seeds.
+
+Every job of a suite draws sample k from the same seed, so a configuration and the reference are
+paired: bootstrapping the *difference* of the quality metric over one set of index draws cancels
+the seed-to-seed variation both share, and tells a real quality loss from noise far better than
+the two separate confidence intervals (which is what matched quality uses). Needs the run's
+samples (``jobs/<id>/samples.npy``) and a metric that samples, labels and the model determine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from bench.metrics.paired import pairable, paired_from_run, run_bundle
+from bench.report import fmt
+from bench.report.data import Run, config_label, higher_is_better
+from bench.report.matched import Speedups
+
+HEADER = ["model", "configuration", "value", "reference", "difference [paired 95% CI]", "verdict"]
+
+
+def paired_rows(run: Run, ok: pd.DataFrame, sp: Speedups, bootstrap: int = 100) -> list[list[str]]:
+    """One row per leaderboard configuration that is not the reference itself: its value of the
+    matching metric, the reference's, their paired difference with its interval, and a verdict."""
+    metric = sp.metric
+    if run.run_dir is None or not pairable(metric):
+        return []
+    rows: list[list[str]] = []
+    for model, ref in sp.references.items():
+        r0 = ok.loc[ref.index]
+        bundle: Any = None
+        for _, s in sp.table[sp.table["model"] == model].iterrows():
+            r = ok.loc[s["row"]]
+            jobs = [run.run_dir / "jobs" / str(j) / "samples.npy" for j in (r["job_id"], r0["job_id"])]
+            if r["job_id"] == r0["job_id"] or not all(p.is_file() for p in jobs):
+                continue
+            bundle = bundle if bundle is not None else run_bundle(run.record, model)
+            (d,) = paired_from_run(run.run_dir, str(r["job_id"]), str(r0["job_id"]), [metric], bundle, bootstrap)
+            worse = d.diff.value < 0 if higher_is_better(metric) else d.diff.value > 0
+            verdict = ("worse" if worse else "better") + " than the reference" if d.significant else "indistinguishable"
+            rows.append(
+                [model, config_label(r), fmt.num(d.a), fmt.num(d.b), fmt.ci(d.diff.value, d.diff.ci_low, d.diff.ci_high), verdict]
+            )
+    return rows
