@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from bench.report import fmt
@@ -106,6 +107,21 @@ def _index(run: Run, which: str, notes: list[str]) -> dict[tuple, pd.Series]:
     return out
 
 
+def samples_change(base_dir: Path, b: pd.Series, cand_dir: Path, c: pd.Series) -> str:
+    """``identical`` when a matched job's samples are bitwise equal in both runs, else the largest
+    absolute difference of a sample value (informational: a refactor that should not change
+    outputs shows here first); ``-`` when either run kept no samples."""
+    paths = [d / "jobs" / str(r["job_id"]) / "samples.npy" for d, r in ((base_dir, b), (cand_dir, c))]
+    if not all(p.is_file() for p in paths):
+        return "-"
+    x, y = (np.load(p) for p in paths)
+    if x.shape != y.shape:
+        return f"shape {x.shape} -> {y.shape}"
+    if np.array_equal(x, y):
+        return "identical"
+    return f"max |diff| {float(np.abs(x.astype(np.float64) - y).max()):.3g}"
+
+
 def compare_runs(
     baseline: Run,
     candidate: Run,
@@ -154,7 +170,11 @@ def compare_runs(
 
     header = ["model", "configuration"]
     header += [f"{m} {'↑' if higher_is_better(m) else '↓'}: baseline [CI] -> candidate [CI] (delta)" for m in metrics]
-    header += ["NFE", "FLOPs/img", "norm. latency ratio", "flags"]
+    header += ["NFE", "FLOPs/img", "norm. latency ratio"]
+    with_samples = baseline.run_dir is not None and candidate.run_dir is not None
+    if with_samples:  # both are run directories: did the samples themselves change?
+        header.append("samples (same seeds)")
+    header.append("flags")
     rows, flagged, regressions = [], [], []
     for k in keys:
         b, c = bi[k], ci[k]
@@ -195,6 +215,8 @@ def compare_runs(
             if all(v > 0 for v in (rb, rc, lb, lc)):
                 ratio = (lc / rc) / (lb / rb)
         cells.append(fmt.ratio(ratio))
+        if with_samples:
+            cells.append(samples_change(baseline.run_dir, b, candidate.run_dir, c))
         if speed_tol is not None and not math.isnan(ratio) and ratio > 1 + speed_tol:
             flags.append("slower")
         cells.append(", ".join(flags) or "ok")

@@ -167,3 +167,22 @@ def test_quick_slice_matches_committed_baseline(tmp_path):
     assert rc == 0, text
     matched = int(text.split("**PASS**: ")[1].split(" matched")[0])
     assert matched == len(pd.read_parquet(run / "results.parquet"))
+
+
+def test_samples_column_tells_identical_from_changed_outputs(base, tmp_path):
+    """Two run directories: each matched job's samples are compared bit for bit (informational,
+    not a regression): a copy is identical; a sample nudged by 1e-3 shows its difference."""
+    cand = candidate(base, tmp_path)
+    df = pd.read_parquet(cand / "results.parquet")
+    job = df.loc[not_reference(df), "job_id"].iloc[0]
+    x = np.load(cand / "jobs" / job / "samples.npy")
+    x[0, 0] += 1e-3
+    np.save(cand / "jobs" / job / "samples.npy", x)
+    cmp = compare_runs(load_run(base), load_run(cand))
+    col = cmp.header.index("samples (same seeds)")
+    cells = {row[1]: row[col] for row in cmp.rows}
+    changed = [v for v in cells.values() if v != "identical"]
+    assert len(cells) == 4 and len(changed) == 1 and changed[0] == "max |diff| 0.001"
+    assert cmp.ok  # outputs changed, quality columns did not: no regression
+    # a bare results table has no samples: no column
+    assert "samples (same seeds)" not in compare_runs(load_run(base / "results.parquet"), load_run(cand)).header
