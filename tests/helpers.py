@@ -54,6 +54,27 @@ def flux_args(model, seed: int, t: float = 0.5) -> dict:
     )
 
 
+def inputs(bundle: ModelBundle, seeds: range, classes: list[int]):
+    """Noise of ``seeds``, their class labels and generators, for calling a sampler directly."""
+    from bench.seeds import generators, noise
+
+    g = generators(0, seeds)
+    return noise(g, bundle.sample_shape, bundle.dtype), torch.tensor(classes), g
+
+
+def dict_state(model: torch.nn.Module) -> list[tuple[str, set[str]]]:
+    """Each submodule's instance attributes (what a hook left behind would change)."""
+    return [(n, set(m.__dict__) - {"training"}) for n, m in model.named_modules()]
+
+
+def assert_model_clean(model: torch.nn.Module, before_dict, before_params) -> None:
+    """The model is as it was before a cache was applied and removed: attributes, no hooks, weights."""
+    assert dict_state(model) == before_dict
+    assert not any("_diffusers_hook" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_params[k])
+
+
 def tiny_suite(metrics=(), warmup: int = 0, **kw) -> Suite:
     return Suite(
         name="t",

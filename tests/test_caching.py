@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import random_bundle, tiny_flux_model
+from helpers import assert_model_clean, dict_state, inputs, random_bundle, tiny_flux_model
 from torch import nn
 
 import methods.caching  # noqa: F401  (registers the caches)
@@ -17,7 +17,6 @@ from bench.adapter import KnobError
 from bench.denoiser import Denoiser, VPSchedule
 from bench.models import ModelBundle, build_model
 from bench.registry import METHODS
-from bench.seeds import generators, noise
 from methods.caching.base import target_model
 from methods.caching.deepcache import deep_blocks, full_steps
 
@@ -33,18 +32,9 @@ METHOD_CASES = [
 IDS = [f"{m}-{i}" for i, (m, *_) in enumerate(METHOD_CASES)]
 
 
-def inputs(bundle: ModelBundle, seeds: range, classes: list[int]):
-    g = generators(0, seeds)
-    return noise(g, bundle.sample_shape, bundle.dtype), torch.tensor(classes), g
-
-
 def plain(bundle: ModelBundle, method: str, knobs: dict, steps: int = STEPS):
     solver = knobs.get("solver", METHODS.get(method)().config["solver"])
     return METHODS.get(solver)().prepare(bundle, steps)
-
-
-def dict_state(model: nn.Module) -> list[tuple[str, set[str]]]:
-    return [(n, set(m.__dict__) - {"training"}) for n, m in model.named_modules()]
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +58,7 @@ def test_disabled_is_bit_identical_and_removal_restores(bundles, method, kind, o
     # a caching run, then the model must be exactly as before
     cached = METHODS.get(method)(**on).prepare(b, STEPS)(x, c, 2.0, g)
     assert not torch.equal(cached, ref)
-    assert dict_state(model) == before_dict
-    assert not any("_diffusers_hook" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before_params[k])
+    assert_model_clean(model, before_dict, before_params)
     assert torch.equal(plain(b, method, off)(x, c, 2.0, g), ref)
 
 

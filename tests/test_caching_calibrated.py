@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import flux_args, random_bundle, tiny_flux_model
-from torch import nn
+from helpers import assert_model_clean, dict_state, flux_args, inputs, random_bundle, tiny_flux_model
 
 import methods.caching  # noqa: F401  (registers the caches)
 import methods.solvers  # noqa: F401
@@ -18,7 +17,6 @@ from bench.calibrate import calibrate, parse_knobs
 from bench.cli import main
 from bench.models import ModelBundle, build_model
 from bench.registry import METHODS
-from bench.seeds import generators, noise
 from methods.caching.base import block_lists, target_model
 from methods.caching.calibrated import fit_rescale, magnitude_ratio, record_run, rel_l1
 
@@ -38,24 +36,8 @@ def bench_home(tmp_path, monkeypatch):
     return tmp_path / "bench_home"
 
 
-def inputs(bundle: ModelBundle, seeds: range, classes: list[int]):
-    g = generators(0, seeds)
-    return noise(g, bundle.sample_shape, bundle.dtype), torch.tensor(classes), g
-
-
 def plain(bundle: ModelBundle, steps: int = STEPS):
     return METHODS.get("euler")().prepare(bundle, steps)
-
-
-def dict_state(model: nn.Module) -> list[tuple[str, set[str]]]:
-    return [(n, set(m.__dict__) - {"training"}) for n, m in model.named_modules()]
-
-
-def assert_model_clean(model: nn.Module, before_dict, before_params) -> None:
-    assert dict_state(model) == before_dict
-    assert not any("_diffusers_hook" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before_params[k])
 
 
 @pytest.fixture(scope="module")

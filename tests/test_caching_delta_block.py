@@ -9,14 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import random_bundle, tiny_flux_model
+from helpers import assert_model_clean, dict_state, inputs, random_bundle, tiny_flux_model
 
 import methods.caching  # noqa: F401  (registers the caches)
 import methods.solvers  # noqa: F401
 from bench.accounting import UnitCounter
 from bench.models import build_model
 from bench.registry import METHODS
-from bench.seeds import generators, noise
 from bench.store import default_artifact_store
 from methods.caching.base import block_lists, target_model
 from methods.caching.block_caching import build_schedule
@@ -28,15 +27,6 @@ CASES = [  # (method, knobs that disable caching, knobs that cache)
     ("block_caching", {"threshold": 0.0}, {"threshold": 0.5}),
 ]
 IDS = [c[0] for c in CASES]
-
-
-def inputs(bundle, seeds: range, classes: list[int]):
-    g = generators(0, seeds)
-    return noise(g, bundle.sample_shape, bundle.dtype), torch.tensor(classes), g
-
-
-def dict_state(model):
-    return [(n, set(m.__dict__) - {"training"}) for n, m in model.named_modules()]
 
 
 def flux_args(model, seed: int):
@@ -86,10 +76,7 @@ def test_disabled_is_bit_identical_and_removal_restores(flow, method, off, on):
     assert uc.called == STEPS * len(block_lists(model)) and uc.computed == uc.called
     cached = METHODS.get(method)(**on).prepare(b, STEPS)(x, c, 2.0, g)
     assert not torch.equal(cached, ref) and torch.isfinite(cached).all()
-    assert dict_state(model) == before_dict
-    assert not any("_diffusers_hook" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before_params[k])
+    assert_model_clean(model, before_dict, before_params)
     assert torch.equal(euler(b)(x, c, 2.0, g), ref)
 
 

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import flux_args, random_bundle, tiny_flux_model
+from helpers import assert_model_clean, dict_state, flux_args, inputs, random_bundle, tiny_flux_model
 from torch import nn
 
 import methods.caching  # noqa: F401  (registers the caches)
@@ -16,7 +16,6 @@ from bench.accounting import ForwardCounter, UnitCounter
 from bench.denoiser import Denoiser, FlowSchedule
 from bench.models import ModelBundle, build_model
 from bench.registry import METHODS
-from bench.seeds import generators, noise
 from methods.caching.base import block_lists, target_model
 from methods.caching.dbcache import split_blocks
 from methods.caching.fastercache import CFGCacheDenoiser
@@ -36,17 +35,8 @@ METHOD_CASES = [
 IDS = [f"{m}-{i}" for i, (m, *_) in enumerate(METHOD_CASES)]
 
 
-def inputs(bundle: ModelBundle, seeds: range, classes: list[int]):
-    g = generators(0, seeds)
-    return noise(g, bundle.sample_shape, bundle.dtype), torch.tensor(classes), g
-
-
 def euler(bundle: ModelBundle, steps: int = STEPS):
     return METHODS.get("euler")().prepare(bundle, steps)
-
-
-def dict_state(model: nn.Module) -> list[tuple[str, set[str]]]:
-    return [(n, set(m.__dict__) - {"training"}) for n, m in model.named_modules()]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +60,7 @@ def test_disabled_is_bit_identical_and_removal_restores(bundle, method, off, on)
     assert fc.calls == STEPS and fc.rows == STEPS * 4  # every guided call: cond + uncond rows
     cached = METHODS.get(method)(**on).prepare(b, STEPS)(x, c, 2.0, g)
     assert not torch.equal(cached, ref)
-    assert dict_state(model) == before_dict
-    assert not any("_diffusers_hook" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before_params[k])
+    assert_model_clean(model, before_dict, before_params)
     assert torch.equal(euler(b)(x, c, 2.0, g), ref)
 
 

@@ -238,3 +238,29 @@ def lagrange_integrals(nodes: np.ndarray) -> np.ndarray:
     num = np.where(np.eye(len(nodes), dtype=bool)[None], 1.0, diff)  # (q, j, m): drop m = j
     basis = np.prod(num / den[None], axis=2)  # (q, j)
     return 0.5 * (_GL3[1] @ basis)
+
+
+@torch.no_grad()
+def sample_adams(
+    model: ODEModel,
+    x: torch.Tensor,
+    grid: Grid,
+    order: int,
+    weights: Callable[[Any, int, int], Any],
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Adams-Bashforth over the grid in the model's frame, shared by iPNDM and LMS:
+    y_{i+1} = y_i + h_i sum_j w_j d_{i-j} over the last k <= ``order`` slopes (newest first; the
+    lower orders while the history fills), ``weights(tau, i, k)`` giving step i's k weights."""
+    frame = Frame(model.schedule)
+    tau = frame.tau(grid)
+    ds: list[torch.Tensor] = []
+    for i in range(grid.steps):
+        y = frame.to_y(x, float(grid.alpha[i]))
+        x0, eps = model(x, grid.t[i])
+        notify(callback, i=i, t=grid.t[i], x=x, x0=x0, eps=eps)
+        ds = [*ds[-(order - 1) :], frame.slope(x0, eps)] if order > 1 else [frame.slope(x0, eps)]
+        w = weights(tau, i, len(ds))
+        y = y + float(tau[i + 1] - tau[i]) * sum(float(wj) * d for wj, d in zip(w, reversed(ds), strict=True))
+        x = frame.to_x(y, float(grid.alpha[i + 1]))
+    return x

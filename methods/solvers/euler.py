@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from bench.adapter import Knob, register_method
@@ -30,6 +31,28 @@ def churn_gamma(sigma_bar: float, n: int, s_churn: float, s_tmin: float, s_tmax:
     return min(s_churn / n, math.sqrt(2) - 1)
 
 
+def churn_start(
+    model: ODEModel,
+    frame: Frame,
+    x: torch.Tensor,
+    grid: Grid,
+    tau: np.ndarray,
+    i: int,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    generators: list[torch.Generator] | None,
+) -> tuple[torch.Tensor, float, float]:
+    """Step i's start (x, t, tau): grid point i, raised by EDM's churn where it applies (Euler and Heun)."""
+    t, tau_i = float(grid.t[i]), float(tau[i])
+    gamma = churn_gamma(float(grid.sigma_bar[i]), grid.steps, s_churn, s_tmin, s_tmax)
+    if gamma > 0:
+        x, t = churn(model, frame, x, t, gamma, s_noise, generators)
+        tau_i = frame.tau_of_time(t)
+    return x, t, tau_i
+
+
 @torch.no_grad()
 def sample_euler(
     model: ODEModel,
@@ -43,13 +66,10 @@ def sample_euler(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Euler over the grid in the model's frame; EDM churn when s_churn > 0."""
-    frame, tau, n = Frame(model.schedule), Frame(model.schedule).tau(grid), grid.steps
+    frame = Frame(model.schedule)
+    tau, n = frame.tau(grid), grid.steps
     for i in range(n):
-        t, tau_i = float(grid.t[i]), float(tau[i])
-        gamma = churn_gamma(float(grid.sigma_bar[i]), n, s_churn, s_tmin, s_tmax)
-        if gamma > 0:
-            x, t = churn(model, frame, x, t, gamma, s_noise, generators)
-            tau_i = frame.tau_of_time(t)
+        x, t, tau_i = churn_start(model, frame, x, grid, tau, i, s_churn, s_tmin, s_tmax, s_noise, generators)
         a = frame.alpha_of_tau(tau_i)
         y = frame.to_y(x, a)
         x0, eps = model(x, t)

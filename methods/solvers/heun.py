@@ -11,8 +11,8 @@ import torch
 
 from bench.adapter import register_method
 from methods.solvers.base import BUDGET_KNOB, SCHEDULE_KNOBS, GridSolver
-from methods.solvers.core import Callback, Frame, Grid, ODEModel, churn, notify
-from methods.solvers.euler import CHURN_KNOBS, churn_gamma
+from methods.solvers.core import Callback, Frame, Grid, ODEModel, notify
+from methods.solvers.euler import CHURN_KNOBS, churn_start
 
 
 @torch.no_grad()
@@ -28,13 +28,10 @@ def sample_heun(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """EDM Heun over the grid in the model's frame."""
-    frame, tau, n = Frame(model.schedule), Frame(model.schedule).tau(grid), grid.steps
+    frame = Frame(model.schedule)
+    tau, n = frame.tau(grid), grid.steps
     for i in range(n):
-        t, tau_i = float(grid.t[i]), float(tau[i])
-        gamma = churn_gamma(float(grid.sigma_bar[i]), n, s_churn, s_tmin, s_tmax)
-        if gamma > 0:
-            x, t = churn(model, frame, x, t, gamma, s_noise, generators)
-            tau_i = frame.tau_of_time(t)
+        x, t, tau_i = churn_start(model, frame, x, grid, tau, i, s_churn, s_tmin, s_tmax, s_noise, generators)
         y = frame.to_y(x, frame.alpha_of_tau(tau_i))
         x0, eps = model(x, t)
         notify(callback, i=i, t=t, x=x, x0=x0, eps=eps)

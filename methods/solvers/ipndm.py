@@ -15,7 +15,7 @@ import torch
 
 from bench.adapter import Knob, register_method
 from methods.solvers.base import SCHEDULE_KNOBS, GridSolver
-from methods.solvers.core import Callback, Frame, Grid, ODEModel, notify
+from methods.solvers.core import Callback, Grid, ODEModel, sample_adams
 
 # Adams-Bashforth weights for equal steps, newest slope first.
 IPNDM_COEFFS = {
@@ -26,21 +26,9 @@ IPNDM_COEFFS = {
 }
 
 
-@torch.no_grad()
 def sample_ipndm(model: ODEModel, x: torch.Tensor, grid: Grid, order: int = 4, callback: Callback | None = None) -> torch.Tensor:
     """iPNDM over the grid: y_{i+1} = y_i + h_i sum_j c_j d_{i-j}, lower orders while warming up."""
-    frame = Frame(model.schedule)
-    tau = frame.tau(grid)
-    ds: list[torch.Tensor] = []
-    for i in range(grid.steps):
-        y = frame.to_y(x, float(grid.alpha[i]))
-        x0, eps = model(x, grid.t[i])
-        notify(callback, i=i, t=grid.t[i], x=x, x0=x0, eps=eps)
-        ds = [*ds[-(order - 1) :], frame.slope(x0, eps)] if order > 1 else [frame.slope(x0, eps)]
-        c = IPNDM_COEFFS[len(ds)]
-        y = y + float(tau[i + 1] - tau[i]) * sum(cj * d for cj, d in zip(c, reversed(ds), strict=True))
-        x = frame.to_x(y, float(grid.alpha[i + 1]))
-    return x
+    return sample_adams(model, x, grid, order, lambda tau, i, k: IPNDM_COEFFS[k], callback)
 
 
 @register_method

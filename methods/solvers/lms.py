@@ -7,30 +7,22 @@ the step; the first steps use the lower orders the history allows.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from bench.adapter import Knob, register_method
 from methods.solvers.base import SCHEDULE_KNOBS, GridSolver
-from methods.solvers.core import Callback, Frame, Grid, ODEModel, lagrange_integrals, notify
+from methods.solvers.core import Callback, Grid, ODEModel, lagrange_integrals, sample_adams
 
 
-@torch.no_grad()
+def _lms_weights(tau: np.ndarray, i: int, k: int) -> np.ndarray:
+    """Integrals over [tau_i, tau_{i+1}] of the Lagrange basis through tau_i, tau_{i-1}, ..., in units of the step."""
+    return lagrange_integrals((tau[i - k + 1 : i + 1][::-1] - tau[i]) / float(tau[i + 1] - tau[i]))
+
+
 def sample_lms(model: ODEModel, x: torch.Tensor, grid: Grid, order: int = 4, callback: Callback | None = None) -> torch.Tensor:
     """Order-k linear multistep over the grid (k-diffusion's LMS)."""
-    frame = Frame(model.schedule)
-    tau = frame.tau(grid)
-    ds: list[torch.Tensor] = []
-    for i in range(grid.steps):
-        y = frame.to_y(x, float(grid.alpha[i]))
-        x0, eps = model(x, grid.t[i])
-        notify(callback, i=i, t=grid.t[i], x=x, x0=x0, eps=eps)
-        ds = [*ds[-(order - 1) :], frame.slope(x0, eps)] if order > 1 else [frame.slope(x0, eps)]
-        h = float(tau[i + 1] - tau[i])
-        k = len(ds)
-        w = lagrange_integrals((tau[i - k + 1 : i + 1][::-1] - tau[i]) / h)  # nodes tau_i, tau_{i-1}, ...
-        y = y + h * sum(float(wj) * d for wj, d in zip(w, reversed(ds), strict=True))
-        x = frame.to_x(y, float(grid.alpha[i + 1]))
-    return x
+    return sample_adams(model, x, grid, order, _lms_weights, callback)
 
 
 @register_method
