@@ -84,36 +84,49 @@ def median_iqr(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), q[2] - q[0]
 
 
-def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+CLEAR_REFS = "/proc/self/clear_refs"  # writing "5" resets the peak RSS (VmHWM) on Linux
+
+
+def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
     """Start a new peak-memory window: the CUDA allocator's peak, or on Linux the process's peak
-    RSS (VmHWM, reset through /proc/self/clear_refs); elsewhere the process-lifetime peak remains."""
+    RSS (VmHWM, reset through /proc/self/clear_refs).
+
+    Returns whether the window really started. Some kernels and sandboxes (gVisor, for one)
+    accept the write to ``clear_refs`` and ignore it, so the reset is checked: right after it the
+    peak must equal the current RSS. Where it does not, :func:`peak_memory_bytes` keeps reporting
+    the process-lifetime peak and callers should record that scope, not pass it off as a window.
+    """
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open(CLEAR_REFS, "w") as f:
             f.write("5")
     except OSError:
-        pass
+        return False
+    hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 4 * 2**20
 
 
-def _vm_hwm() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (reported in kB), in bytes; None where unreadable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                key = line.split(":", 1)[0]
+                if key == field:
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
 
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
     """Peak allocator memory on CUDA; the process's peak RSS on CPU (since the last
-    :func:`reset_peak_memory` where the OS allows resetting it)."""
+    :func:`reset_peak_memory` where that reset took effect)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    hwm = _vm_hwm()
+    hwm = _status_bytes("VmHWM")
     if hwm is not None:
         return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -87,7 +87,7 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
         cond = labels[lo:hi].to(device) if labels is not None else None
         return sampler(z, cond, job.guidance, gens)
 
-    reset_peak_memory(device)
+    windowed = reset_peak_memory(device)
     for _ in range(suite.warmup):
         call(0, min(bs, n))
     outs, times = [], []
@@ -132,6 +132,7 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
         "batch_size": bs,
         "timed_batches": len(times),
         "peak_mem_bytes": peak_mem,
+        "peak_mem_scope": "sampling" if windowed else "process",
         "train_cost_s": method.train_cost()["wall_s"],
         "n_samples": n,
         "seed": job.seed,

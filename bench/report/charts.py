@@ -192,6 +192,7 @@ def place_labels(ax: Any, items: list[tuple[float, float, str]], fontsize: float
     """Annotate each (x, y, text) next to its point where it overlaps no label placed before and no
     point, trying the offsets of ``_OFFSETS`` at growing distances (with a leader line when far);
     if none is free, the least-overlapping position is kept. Greedy, top to bottom."""
+    items = [it for it in items if np.isfinite(it[0]) and np.isfinite(it[1])]  # unplotted points get no label
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
