@@ -184,7 +184,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         base, cand = load_run(args.baseline), load_run(args.candidate)
         speed_tol = None if args.speed_tol.lower() in ("none", "off", "inf") else float(args.speed_tol)
-        result = compare_runs(base, cand, args.quality_tol, speed_tol, _reference_specs(args.reference))
+        result = compare_runs(base, cand, args.quality_tol, speed_tol, _reference_specs(args.reference), paired=args.paired)
     except (RunError, ValueError) as e:
         print(f"bench compare: {e}", file=sys.stderr)
         return 2
@@ -281,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--reference", action="append", metavar="SPEC", help="reference configuration for latency normalisation")
     s.add_argument("--out", help="Markdown summary path (default: beside the candidate run)")
+    s.add_argument(
+        "--no-paired",
+        dest="paired",
+        action="store_false",
+        help="skip the paired same-seed comparison of jobs whose samples changed (two run directories only)",
+    )
     s.set_defaults(fn=cmd_compare)
     from bench.cli_metrics import add_parsers
 

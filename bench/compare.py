@@ -8,6 +8,11 @@ Jobs are matched by (model, method, knobs, steps, guidance). A matched pair regr
   (candidate latency / candidate reference latency, over the same ratio in the baseline)
   is worse than ``1 + speed_tol`` (absolute latency is never compared: machines differ);
 - the job finished in the baseline and failed in the candidate.
+When both runs are run directories whose matched jobs kept their samples and share seeds, each
+pairable quality metric is also compared *paired*: the bootstrap of candidate - baseline draws the
+same seed indices from both jobs, so the seed-to-seed spread they share cancels, and a loss beyond
+``quality_tol`` of the baseline value whose paired 95% interval excludes 0 is a regression even
+when it hides inside the two separate CIs.
 Jobs present in only one run are listed, not flagged.
 """
 
@@ -22,12 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.metrics.paired import PairedDifference, pairable, paired_jobs, run_bundle
 from bench.report import fmt
 from bench.report.data import Run, RunError, config_key, config_label, higher_is_better
 from bench.report.matched import ReferenceSpec, choose_references, default_rule_text, specs_from, worse_by
 
 DEFAULT_QUALITY_TOL = 0.05
 DEFAULT_SPEED_TOL = 0.5
+PAIRED_BOOTSTRAP = 200
 COST_EPS = 1e-9  # relative: NFE and FLOPs are counted, not measured, so any increase counts
 
 
@@ -44,6 +51,7 @@ class Comparison:
     regressions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     references: dict[str, str] = field(default_factory=dict)
+    paired: bool = False
 
     @property
     def ok(self) -> bool:
@@ -58,6 +66,14 @@ class Comparison:
             f"- candidate: `{c.path}`",
             f"- quality: regression when worse than the baseline by more than its 95% CI plus {self.quality_tol:.1%} "
             "of its value (metric directions from the registry)",
+        ]
+        if self.paired:
+            out.append(
+                f"- paired (same seeds in both runs): also a regression when worse by more than {self.quality_tol:.1%} "
+                "of the baseline value and the paired 95% CI of candidate - baseline excludes 0 "
+                f"({PAIRED_BOOTSTRAP} bootstrap draws of the same seed indices for both jobs)"
+            )
+        out += [
             "- NFE and FLOPs per image: regression on any increase",
             f"- latency, normalised by each model's reference configuration in the same run: regression when {speed}",
         ]
@@ -88,6 +104,13 @@ def quality_regression(base: float, base_low: float, base_high: float, cand: flo
     half = (base - base_low) if higher else (base_high - base)
     half = 0.0 if math.isnan(half) else max(half, 0.0)
     return worse_by(cand, base, higher) > half + tol * abs(base)
+
+
+def paired_regression(d: PairedDifference, higher: bool, tol: float) -> bool:
+    """Paired candidate - baseline difference: worse by more than ``tol * |baseline|`` with its
+    95% interval wholly on the worse side of 0."""
+    worse_side = d.diff.ci_high < 0 if higher else d.diff.ci_low > 0
+    return worse_side and worse_by(d.a, d.b, higher) > tol * abs(d.b)
 
 
 def cost_increase(base: float, cand: float) -> bool:
@@ -122,12 +145,38 @@ def samples_change(base_dir: Path, b: pd.Series, cand_dir: Path, c: pd.Series) -
     return f"max |diff| {float(np.abs(x.astype(np.float64) - y).max()):.3g}"
 
 
+class _Pairer:
+    """Paired differences of matched jobs of two run directories, the model loaded once per label."""
+
+    def __init__(self, baseline: Run, candidate: Run, metrics: list[str]) -> None:
+        self.base, self.cand = baseline, candidate
+        self.metrics = [m for m in metrics if pairable(m)]
+        self.bundles: dict[str, Any] = {}
+
+    def __call__(self, b: pd.Series, c: pd.Series, notes: list[str]) -> dict[str, PairedDifference]:
+        if not self.metrics:
+            return {}
+        dirs = [run.run_dir / "jobs" / str(r["job_id"]) for run, r in ((self.cand, c), (self.base, b))]
+        if not all((d / "samples.npy").is_file() and (d / "row.json").is_file() for d in dirs):
+            return {}
+        model = str(c["model"])
+        try:
+            if model not in self.bundles:
+                self.bundles[model] = run_bundle(self.cand.record, model)
+            diffs = paired_jobs(*dirs, self.metrics, self.bundles[model], PAIRED_BOOTSTRAP)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            notes.append(f"{model} {config_label(c)}: not compared paired ({e})")
+            return {}
+        return {d.metric: d for d in diffs}
+
+
 def compare_runs(
     baseline: Run,
     candidate: Run,
     quality_tol: float = DEFAULT_QUALITY_TOL,
     speed_tol: float | None = DEFAULT_SPEED_TOL,
     reference: Iterable[ReferenceSpec] = (),
+    paired: bool = True,
 ) -> Comparison:
     """Match the jobs of two runs and flag regressions (see the module docstring)."""
     if quality_tol < 0 or (speed_tol is not None and speed_tol < 0):
@@ -172,6 +221,7 @@ def compare_runs(
     header += [f"{m} {'↑' if higher_is_better(m) else '↓'}: baseline [CI] -> candidate [CI] (delta)" for m in metrics]
     header += ["NFE", "FLOPs/img", "norm. latency ratio"]
     with_samples = baseline.run_dir is not None and candidate.run_dir is not None
+    pairer = _Pairer(baseline, candidate, metrics) if with_samples and paired else None
     if with_samples:  # both are run directories: did the samples themselves change?
         header.append("samples (same seeds)")
     header.append("flags")
@@ -194,15 +244,23 @@ def compare_runs(
                 notes.append(f"{label}: {col} differs ({b[col]} vs {c[col]}); its quality numbers are not comparable")
         flags = []
         cells = [b["model"], label]
+        same = samples_change(baseline.run_dir, b, candidate.run_dir, c) if with_samples else "-"
+        pairs = pairer(b, c, notes) if pairer is not None and same not in ("identical", "-") else {}
         for m in metrics:
             bv, cv = _f(b[m]), _f(c[m])
             blo, bhi = _f(b.get(f"{m}_ci_low")), _f(b.get(f"{m}_ci_high"))
-            cells.append(
+            cell = (
                 f"{fmt.ci(bv, blo, bhi)} -> {fmt.ci(cv, c.get(f'{m}_ci_low'), c.get(f'{m}_ci_high'))} "
                 f"({'+' if cv - bv >= 0 else ''}{fmt.num(cv - bv, 3)})"
             )
+            if m in pairs:
+                d = pairs[m].diff
+                cell += f"; paired {'+' if d.value >= 0 else ''}{fmt.num(d.value, 3)} [{fmt.num(d.ci_low, 3)}, {fmt.num(d.ci_high, 3)}]"
+            cells.append(cell)
             if quality_regression(bv, blo, bhi, cv, higher_is_better(m), quality_tol):
                 flags.append(f"{m} worse")
+            elif m in pairs and paired_regression(pairs[m], higher_is_better(m), quality_tol):
+                flags.append(f"{m} worse (paired)")
         for col, name, show in (("nfe", "NFE", fmt.num), ("flops", "FLOPs", fmt.flops)):
             bv, cv = _f(b.get(col)), _f(c.get(col))
             cells.append(f"{show(bv)} -> {show(cv)}" if bv != cv else show(bv))
@@ -216,14 +274,17 @@ def compare_runs(
                 ratio = (lc / rc) / (lb / rb)
         cells.append(fmt.ratio(ratio))
         if with_samples:
-            cells.append(samples_change(baseline.run_dir, b, candidate.run_dir, c))
+            cells.append(same)
         if speed_tol is not None and not math.isnan(ratio) and ratio > 1 + speed_tol:
             flags.append("slower")
         cells.append(", ".join(flags) or "ok")
         rows.append(cells)
         flagged.append(bool(flags))
         regressions += [f"{b['model']} {label}: {f}" for f in flags]
-    return Comparison(baseline, candidate, quality_tol, speed_tol, metrics, header, rows, flagged, regressions, notes, references)
+    return Comparison(
+        baseline, candidate, quality_tol, speed_tol, metrics, header, rows, flagged, regressions, notes, references,
+        paired=pairer is not None and bool(pairer.metrics),
+    )  # fmt: skip
 
 
 def default_output(baseline: Run, candidate: Run) -> Path:

@@ -186,3 +186,50 @@ def test_samples_column_tells_identical_from_changed_outputs(base, tmp_path):
     assert cmp.ok  # outputs changed, quality columns did not: no regression
     # a bare results table has no samples: no column
     assert "samples (same seeds)" not in compare_runs(load_run(base / "results.parquet"), load_run(cand)).header
+
+
+def shrunk_candidate(base: Path, tmp_path: Path, factor: float) -> Path:
+    """A candidate whose 3-step DDIM samples are all pulled towards 0 by ``factor``: the same seeds,
+    a consistent loss of spread; its swd and CI recomputed as the runner would."""
+    import json
+
+    import torch
+
+    from bench.metrics import MetricContext
+    from bench.metrics.paired import run_bundle
+    from bench.registry import METRICS
+
+    cand = candidate(base, tmp_path)
+    df = pd.read_parquet(cand / "results.parquet")
+    i = df.index[not_reference(df)][0]
+    path = cand / "jobs" / df.loc[i, "job_id"] / "samples.npy"
+    x = np.load(path) * factor
+    np.save(path, x)
+    bundle = run_bundle(json.loads((cand / "run.json").read_text()), df.loc[i, "model"])
+    v = METRICS.get("swd")(MetricContext(torch.from_numpy(x), None, bundle, bootstrap=10, seed=int(df.loc[i, "seed"])))
+    df.loc[i, ["swd", "swd_ci_low", "swd_ci_high"]] = [v.value, v.ci_low, v.ci_high]
+    df.to_parquet(cand / "results.parquet", index=False)
+    return cand
+
+
+def test_paired_comparison_catches_a_loss_hidden_inside_the_cis(base, tmp_path, capsys):
+    """Samples shrunk by 8%: swd worse by ~11%, more than the 5% tolerance yet inside the baseline's
+    CI, so the unpaired rule passes it; the same-seed paired interval excludes 0 and flags it.
+    Shrunk by 3% (within tolerance) nothing is flagged; by 15% both rules flag."""
+
+    def swd_flags(factor: float, **kw) -> list[str]:
+        cand = tmp_path / str(factor) / "cand" / base.name
+        if not cand.exists():
+            shrunk_candidate(base, tmp_path / str(factor), factor)
+        return [r.split(": ")[-1] for r in compare_runs(load_run(base), load_run(cand), **kw).regressions]
+
+    assert swd_flags(0.97) == []
+    assert swd_flags(0.92) == ["swd worse (paired)"]
+    assert swd_flags(0.92, paired=False) == []
+    assert swd_flags(0.85) == ["swd worse"]
+    cand = tmp_path / "0.92" / "cand" / base.name
+    out = tmp_path / "cmp.md"
+    assert main(["compare", str(base), str(cand), "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "swd worse (paired)" in text and "paired +" in text and "paired 95% CI of candidate - baseline" in text
+    assert main(["compare", str(base), str(cand), "--no-paired", "--out", str(out)]) == 0

@@ -60,18 +60,24 @@ def paired_from_run(
 ) -> list[PairedDifference]:
     """Paired differences between two finished jobs of a run (their ``samples.npy``), on ``bundle``
     (the model both were sampled from)."""
-    run_dir = Path(run_dir)
+    jobs = Path(run_dir) / "jobs"
+    return paired_jobs(jobs / job_a, jobs / job_b, metrics, bundle, bootstrap)
+
+
+def paired_jobs(dir_a: Path, dir_b: Path, metrics: list[str], bundle, bootstrap: int = 200) -> list[PairedDifference]:
+    """Paired differences metric(a) - metric(b) between two finished job directories (``row.json``
+    and ``samples.npy``), of one run or of two runs of the same suite; the jobs must share seeds."""
     rows, samples = [], []
-    for j in (job_a, job_b):
-        d = run_dir / "jobs" / j
+    for d in (Path(dir_a), Path(dir_b)):
         if not (d / "samples.npy").is_file():
-            raise FileNotFoundError(f"{d}/samples.npy not found: is {j} a finished job of {run_dir}?")
+            raise FileNotFoundError(f"{d}/samples.npy not found: is {d.name} a finished job of {d.parent.parent}?")
         rows.append(json.loads((d / "row.json").read_text()))
         samples.append(torch.from_numpy(np.load(d / "samples.npy")))
     ra, rb = rows
     if (ra["seed"], ra["n_samples"]) != (rb["seed"], rb["n_samples"]):
         raise ValueError(
-            f"jobs {job_a} and {job_b} do not share seeds (seed {ra['seed']}/{rb['seed']}, n {ra['n_samples']}/{rb['n_samples']})"
+            f"jobs {Path(dir_a).name} and {Path(dir_b).name} do not share seeds "
+            f"(seed {ra['seed']}/{rb['seed']}, n {ra['n_samples']}/{rb['n_samples']})"
         )
     n = len(samples[0])
     labels = torch.arange(n) % bundle.num_classes if bundle.num_classes is not None else None
