@@ -184,7 +184,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         base, cand = load_run(args.baseline), load_run(args.candidate)
         speed_tol = None if args.speed_tol.lower() in ("none", "off", "inf") else float(args.speed_tol)
-        result = compare_runs(base, cand, args.quality_tol, speed_tol, _reference_specs(args.reference), paired=args.paired)
+        result = compare_runs(
+            base, cand, args.quality_tol, speed_tol, _reference_specs(args.reference), paired=args.paired, progress=True
+        )
     except (RunError, ValueError) as e:
         print(f"bench compare: {e}", file=sys.stderr)
         return 2

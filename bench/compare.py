@@ -19,6 +19,7 @@ Jobs present in only one run are listed, not flagged.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from bench.report.matched import ReferenceSpec, choose_references, default_rule_
 
 DEFAULT_QUALITY_TOL = 0.05
 DEFAULT_SPEED_TOL = 0.5
-PAIRED_BOOTSTRAP = 200
+PAIRED_BOOTSTRAP = 50  # draws of the paired bootstrap when the run's suite sets none (its `bootstrap` otherwise)
 COST_EPS = 1e-9  # relative: NFE and FLOPs are counted, not measured, so any increase counts
 
 
@@ -51,7 +52,7 @@ class Comparison:
     regressions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     references: dict[str, str] = field(default_factory=dict)
-    paired: bool = False
+    paired_draws: int = 0  # the paired bootstrap's draws; 0 when no job was compared paired
 
     @property
     def ok(self) -> bool:
@@ -67,11 +68,11 @@ class Comparison:
             f"- quality: regression when worse than the baseline by more than its 95% CI plus {self.quality_tol:.1%} "
             "of its value (metric directions from the registry)",
         ]
-        if self.paired:
+        if self.paired_draws:
             out.append(
                 f"- paired (same seeds in both runs): also a regression when worse by more than {self.quality_tol:.1%} "
                 "of the baseline value and the paired 95% CI of candidate - baseline excludes 0 "
-                f"({PAIRED_BOOTSTRAP} bootstrap draws of the same seed indices for both jobs)"
+                f"({self.paired_draws} bootstrap draws of the same seed indices for both jobs)"
             )
         out += [
             "- NFE and FLOPs per image: regression on any increase",
@@ -148,10 +149,17 @@ def samples_change(base_dir: Path, b: pd.Series, cand_dir: Path, c: pd.Series) -
 class _Pairer:
     """Paired differences of matched jobs of two run directories, the model loaded once per label."""
 
-    def __init__(self, baseline: Run, candidate: Run, metrics: list[str]) -> None:
+    def __init__(self, baseline: Run, candidate: Run, metrics: list[str], total: int, progress: bool) -> None:
+        from tqdm import tqdm
+
         self.base, self.cand = baseline, candidate
         self.metrics = [m for m in metrics if pairable(m)]
         self.bundles: dict[str, Any] = {}
+        self.draws = int((candidate.record.get("suite") or {}).get("bootstrap") or PAIRED_BOOTSTRAP)
+        self.used = False
+        self.bar = tqdm(
+            total=total, desc="paired", unit="job", disable=not (progress and total and self.metrics), file=sys.stderr
+        )
 
     def __call__(self, b: pd.Series, c: pd.Series, notes: list[str]) -> dict[str, PairedDifference]:
         if not self.metrics:
@@ -163,10 +171,13 @@ class _Pairer:
         try:
             if model not in self.bundles:
                 self.bundles[model] = run_bundle(self.cand.record, model)
-            diffs = paired_jobs(*dirs, self.metrics, self.bundles[model], PAIRED_BOOTSTRAP)
+            diffs = paired_jobs(*dirs, self.metrics, self.bundles[model], self.draws)
         except (ValueError, FileNotFoundError, KeyError) as e:
             notes.append(f"{model} {config_label(c)}: not compared paired ({e})")
             return {}
+        finally:
+            self.bar.update(1)
+        self.used = True
         return {d.metric: d for d in diffs}
 
 
@@ -177,6 +188,7 @@ def compare_runs(
     speed_tol: float | None = DEFAULT_SPEED_TOL,
     reference: Iterable[ReferenceSpec] = (),
     paired: bool = True,
+    progress: bool = False,
 ) -> Comparison:
     """Match the jobs of two runs and flag regressions (see the module docstring)."""
     if quality_tol < 0 or (speed_tol is not None and speed_tol < 0):
@@ -221,8 +233,14 @@ def compare_runs(
     header += [f"{m} {'↑' if higher_is_better(m) else '↓'}: baseline [CI] -> candidate [CI] (delta)" for m in metrics]
     header += ["NFE", "FLOPs/img", "norm. latency ratio"]
     with_samples = baseline.run_dir is not None and candidate.run_dir is not None
-    pairer = _Pairer(baseline, candidate, metrics) if with_samples and paired else None
+    changes: dict[tuple, str] = {}
     if with_samples:  # both are run directories: did the samples themselves change?
+        for k in keys:
+            if bi[k]["status"] == "ok" and ci[k]["status"] == "ok":
+                changes[k] = samples_change(baseline.run_dir, bi[k], candidate.run_dir, ci[k])
+    changed = sum(v not in ("identical", "-") for v in changes.values())
+    pairer = _Pairer(baseline, candidate, metrics, changed, progress) if with_samples and paired else None
+    if with_samples:
         header.append("samples (same seeds)")
     header.append("flags")
     rows, flagged, regressions = [], [], []
@@ -244,7 +262,7 @@ def compare_runs(
                 notes.append(f"{label}: {col} differs ({b[col]} vs {c[col]}); its quality numbers are not comparable")
         flags = []
         cells = [b["model"], label]
-        same = samples_change(baseline.run_dir, b, candidate.run_dir, c) if with_samples else "-"
+        same = changes.get(k, "-")
         pairs = pairer(b, c, notes) if pairer is not None and same not in ("identical", "-") else {}
         for m in metrics:
             bv, cv = _f(b[m]), _f(c[m])
@@ -281,9 +299,11 @@ def compare_runs(
         rows.append(cells)
         flagged.append(bool(flags))
         regressions += [f"{b['model']} {label}: {f}" for f in flags]
+    if pairer is not None:
+        pairer.bar.close()
     return Comparison(
         baseline, candidate, quality_tol, speed_tol, metrics, header, rows, flagged, regressions, notes, references,
-        paired=pairer is not None and bool(pairer.metrics),
+        paired_draws=pairer.draws if pairer is not None and pairer.used else 0,
     )  # fmt: skip
 
 
