@@ -151,6 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             quality_tol=args.match_tol,
             cost=args.cost,
             match_ci=not args.no_match_ci,
+            progress=True,
         )
     except RunError as e:
         print(f"bench report: {e}", file=sys.stderr)

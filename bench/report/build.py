@@ -52,6 +52,7 @@ def build_report(
     match_ci: bool = True,
     compare_quality_tol: float | None = None,
     compare_speed_tol: float | None = None,
+    progress: bool = False,
 ) -> Report:
     """Write the report of ``run`` into ``out`` (default reports/<run-id>/): index.html, its PNGs,
     leaderboard.md and, with a baseline, compare.md."""
@@ -182,6 +183,7 @@ def build_report(
             CMP_Q if compare_quality_tol is None else compare_quality_tol,
             CMP_S if compare_speed_tol is None else compare_speed_tol,
             specs,
+            progress=progress,
         )
         (out / "compare.md").write_text(cmp.markdown())
         cls = "pass" if cmp.ok else "fail"
