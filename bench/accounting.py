@@ -85,6 +85,7 @@ def median_iqr(xs: list[float]) -> tuple[float, float]:
 
 
 CLEAR_REFS = "/proc/self/clear_refs"  # writing "5" resets the peak RSS (VmHWM) on Linux
+STATUS = "/proc/self/status"  # VmHWM (peak RSS) and VmRSS, in kB
 
 
 def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
@@ -111,7 +112,7 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
 def _status_bytes(field: str) -> int | None:
     """A memory field of /proc/self/status (reported in kB), in bytes; None where unreadable."""
     try:
-        with open("/proc/self/status") as f:
+        with open(STATUS) as f:
             for line in f:
                 key = line.split(":", 1)[0]
                 if key == field:
