@@ -32,6 +32,7 @@ from bench.metrics.paired import PairedDifference, pairable, paired_jobs, run_bu
 from bench.report import fmt
 from bench.report.data import Run, RunError, config_key, config_label, higher_is_better
 from bench.report.matched import ReferenceSpec, choose_references, default_rule_text, specs_from, worse_by
+from bench.store import samples_digest
 
 DEFAULT_QUALITY_TOL = 0.05
 DEFAULT_SPEED_TOL = 0.5
@@ -131,19 +132,28 @@ def _index(run: Run, which: str, notes: list[str]) -> dict[tuple, pd.Series]:
     return out
 
 
-def samples_change(base_dir: Path, b: pd.Series, cand_dir: Path, c: pd.Series) -> str:
+def samples_change(base_dir: Path | None, b: pd.Series, cand_dir: Path | None, c: pd.Series) -> str:
     """``identical`` when a matched job's samples are bitwise equal in both runs, else the largest
     absolute difference of a sample value (informational: a refactor that should not change
-    outputs shows here first); ``-`` when either run kept no samples."""
-    paths = [d / "jobs" / str(r["job_id"]) / "samples.npy" for d, r in ((base_dir, b), (cand_dir, c))]
-    if not all(p.is_file() for p in paths):
-        return "-"
-    x, y = (np.load(p) for p in paths)
-    if x.shape != y.shape:
-        return f"shape {x.shape} -> {y.shape}"
-    if np.array_equal(x, y):
-        return "identical"
-    return f"max |diff| {float(np.abs(x.astype(np.float64) - y).max()):.3g}"
+    outputs shows here first). Run directories compare their ``samples.npy``; results tables
+    (a committed baseline ``.parquet``) compare the rows' ``samples_sha256`` digests, which say
+    ``identical`` or ``changed`` only; ``-`` when neither is there."""
+    paths = [d / "jobs" / str(r["job_id"]) / "samples.npy" if d is not None else None for d, r in ((base_dir, b), (cand_dir, c))]
+    here = [p is not None and p.is_file() for p in paths]
+    if all(here):
+        x, y = (np.load(p) for p in paths)
+        if x.shape != y.shape:
+            return f"shape {x.shape} -> {y.shape}"
+        if np.array_equal(x, y):
+            return "identical"
+        return f"max |diff| {float(np.abs(x.astype(np.float64) - y).max()):.3g}"
+    # a results table on one side or both: digests, of the samples file where there is one
+    digests = [
+        samples_digest(np.load(p)) if ok else r.get("samples_sha256") for p, ok, r in zip(paths, here, (b, c), strict=True)
+    ]
+    if all(isinstance(d, str) and d for d in digests):
+        return "identical" if digests[0] == digests[1] else "changed"
+    return "-"
 
 
 class _Pairer:
@@ -233,14 +243,15 @@ def compare_runs(
     header += [f"{m} {'↑' if higher_is_better(m) else '↓'}: baseline [CI] -> candidate [CI] (delta)" for m in metrics]
     header += ["NFE", "FLOPs/img", "norm. latency ratio"]
     with_samples = baseline.run_dir is not None and candidate.run_dir is not None
+    digests = all("samples_sha256" in run.df.columns for run in (baseline, candidate))
     changes: dict[tuple, str] = {}
-    if with_samples:  # both are run directories: did the samples themselves change?
+    if with_samples or digests:  # did the samples themselves change?
         for k in keys:
             if bi[k]["status"] == "ok" and ci[k]["status"] == "ok":
                 changes[k] = samples_change(baseline.run_dir, bi[k], candidate.run_dir, ci[k])
     changed = sum(v not in ("identical", "-") for v in changes.values())
     pairer = _Pairer(baseline, candidate, metrics, changed, progress) if with_samples and paired else None
-    if with_samples:
+    if changes:
         header.append("samples (same seeds)")
     header.append("flags")
     rows, flagged, regressions = [], [], []
@@ -291,7 +302,7 @@ def compare_runs(
             if all(v > 0 for v in (rb, rc, lb, lc)):
                 ratio = (lc / rc) / (lb / rb)
         cells.append(fmt.ratio(ratio))
-        if with_samples:
+        if changes:
             cells.append(same)
         if speed_tol is not None and not math.isnan(ratio) and ratio > 1 + speed_tol:
             flags.append("slower")

@@ -46,7 +46,7 @@ from bench.models import ModelBundle
 from bench.paths import REPO
 from bench.registry import METHODS, METRICS
 from bench.seeds import generators, noise
-from bench.store import JobStore, content_key, link_or_copy
+from bench.store import JobStore, content_key, link_or_copy, samples_digest
 from bench.suite import Job, Suite, expand
 
 RESULTS = REPO / "results"
@@ -427,6 +427,8 @@ def run_suite(
                     if o.ok:
                         row = o.row | where | run_cols | {"job_id": p.job_id, "reused": False, "reused_from": ""}
                         row |= {"store_key": p.store_key}
+                        if o.samples is not None:
+                            row["samples_sha256"] = samples_digest(o.samples)
                         stored = jobstore.put(p.store_key, row, o.samples)
                         if stored.samples is not None:
                             link_or_copy(stored.samples, jdir / "samples.npy")

@@ -82,6 +82,16 @@ class JobStore:
         return StoredJob(key, row, d / SAMPLES if samples is not None else None)
 
 
+def samples_digest(samples: np.ndarray) -> str:
+    """sha256 of the samples' dtype, shape and values (C order): two jobs' digests are equal exactly
+    when their samples are bit-identical, which ``bench compare`` can then tell from the results
+    tables alone."""
+    a = np.ascontiguousarray(samples)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def link_or_copy(src: Path, dest: Path) -> None:
     """Put ``src`` at ``dest`` atomically: a hard link where the file system allows, else a copy.
 

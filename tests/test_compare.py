@@ -184,8 +184,15 @@ def test_samples_column_tells_identical_from_changed_outputs(base, tmp_path):
     changed = [v for v in cells.values() if v != "identical"]
     assert len(cells) == 4 and len(changed) == 1 and changed[0] == "max |diff| 0.001"
     assert cmp.ok  # outputs changed, quality columns did not: no regression
-    # a bare results table has no samples: no column
-    assert "samples (same seeds)" not in compare_runs(load_run(base / "results.parquet"), load_run(cand)).header
+    # a bare results table has no samples but each row's digest: the changed job is told apart
+    bare = compare_runs(load_run(base / "results.parquet"), load_run(cand))
+    col = bare.header.index("samples (same seeds)")
+    assert sorted(row[col] for row in bare.rows) == ["changed", "identical", "identical", "identical"]
+    both_bare = compare_runs(load_run(base / "results.parquet"), load_run(base / "results.parquet"))
+    assert {row[col] for row in both_bare.rows} == {"identical"}
+    # tables without digests (written before they were recorded): no column
+    old = edit_results(candidate(base, tmp_path / "old"), lambda df: df.drop(columns="samples_sha256"))
+    assert "samples (same seeds)" not in compare_runs(load_run(old / "results.parquet"), load_run(cand)).header
 
 
 def shrunk_candidate(base: Path, tmp_path: Path, factor: float) -> Path:
