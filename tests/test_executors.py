@@ -21,6 +21,7 @@ import bench.runner
 from bench.cli import main
 from bench.executors import ExecutorError, make_executor
 from bench.runner import plan_jobs, read_executions, run_suite
+from bench.store import samples_digest
 from bench.suite import expand, load_suite
 
 TINY = """
@@ -88,6 +89,8 @@ def test_rows_record_where_and_how_a_job_ran(tmp_path):
     log = read_executions(run)
     assert sorted(e["job_id"] for e in log) == sorted(df["job_id"]) and all(e["status"] == "ok" for e in log)
     assert sum(e["network_calls"] for e in log) == df["network_calls"].sum()
+    for _, r in df.iterrows():  # the digest is of the samples kept
+        assert r["samples_sha256"] == samples_digest(np.load(run / "jobs" / r["job_id"] / "samples.npy"))
 
 
 def test_a_job_that_raises_is_recorded_failed_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):

@@ -10,12 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.store import ArtifactStore, JobStore, content_key, link_or_copy
+from bench.store import ArtifactStore, JobStore, content_key, link_or_copy, samples_digest
 
 
 def test_content_key_ignores_key_order_and_sees_values():
     assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
     assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_samples_digest_sees_every_bit_the_shape_and_the_dtype():
+    x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)
+    d = samples_digest(x)
+    assert d == samples_digest(x.copy()) == samples_digest(np.asfortranarray(x))  # values, not memory layout
+    y = x.copy()
+    y.view(np.uint32)[1, 2, 3] ^= 1  # one bit of one value
+    assert samples_digest(y) != d
+    assert samples_digest(x.reshape(3, 2, 4)) != d and samples_digest(x.astype(np.float64)) != d
 
 
 def test_job_store_round_trip_and_incomplete_entries(tmp_path):
