@@ -11,6 +11,7 @@ from scipy import linalg
 from bench.metrics import MetricContext, centred_interval
 from bench.metrics.formulas import (
     FrechetToReference,
+    KernelToReference,
     clip_score_from_embeddings,
     cmmd_from_embeddings,
     fid_from_features,
@@ -72,6 +73,22 @@ def test_kid_is_unbiased_on_equal_distributions():
     assert min(kids) < 0 < max(kids)  # an unbiased estimate of 0 goes both ways
     # and it does see a real difference
     assert kid_from_features(rng.normal(size=(100, 4)), rng.normal(size=(100, 4)) + 1.0, num_subsets=5) > 10 * se
+
+
+def test_kid_to_a_reference_equals_clean_fid_on_every_resample():
+    """The kernel-sum form gives clean-fid's number (same subset draws) on bootstrap resamples with
+    repeated rows, on the full set, where clean-fid subsamples the generated set (more samples
+    than reference rows: its own path), and where the matrices would be too large (its own path)."""
+    rng = np.random.default_rng(3)
+    ref, gen = rng.normal(size=(130, 6)), rng.normal(size=(50, 6)) + 0.3
+    k = KernelToReference(gen, ref, num_subsets=7)
+    for i, idx in enumerate([np.arange(50), rng.integers(0, 50, 50), rng.integers(0, 50, 50), np.zeros(50, int) + 4]):
+        assert k(idx, seed=i) == pytest.approx(kid_from_features(gen[idx], ref, i, 7), rel=1e-9, abs=1e-15)
+    assert k(np.arange(50), seed=1) != k(np.arange(50), seed=2)  # the seed picks the reference subsets
+    big = rng.normal(size=(200, 6))  # more samples than reference rows
+    assert KernelToReference(big, ref, 7)(np.arange(200), 5) == kid_from_features(big, ref, 5, 7)
+    small = KernelToReference(gen, ref, 7, max_points=100)  # over the size limit: no matrices kept
+    assert not small.fast and small(np.arange(50), 1) == kid_from_features(gen, ref, 1, 7)
 
 
 def test_knn_radii_excludes_the_point_itself():

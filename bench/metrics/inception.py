@@ -18,7 +18,7 @@ from cleanfid.resize import make_resizer
 
 from bench.metrics import MetricContext, Statistic, images_uint8, register_metric
 from bench.metrics.digits import inception_score_statistic, precision_statistic, recall_statistic
-from bench.metrics.formulas import FrechetToReference, kid_from_features
+from bench.metrics.formulas import FrechetToReference, KernelToReference
 
 WEIGHTS = "inception-2015-12-05"
 SPACE = "inception"
@@ -115,7 +115,8 @@ def fid_inception(ctx: MetricContext) -> Statistic:
 def kid_inception(ctx: MetricContext) -> Statistic:
     ref = _ref(ctx, "kid_inception").feats
     gen = _gen(ctx, "kid_inception")[0]
-    return Statistic(lambda idx: 1e3 * kid_from_features(gen[idx], ref, ctx.seed, num_subsets=20), len(gen))
+    kid_to_ref = KernelToReference(gen, ref, num_subsets=20)
+    return Statistic(lambda idx: 1e3 * kid_to_ref(idx, ctx.seed), len(gen))
 
 
 @_register("precision_inception", True, "improved precision (k=3) on Inception features against the reference set")
