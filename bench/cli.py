@@ -304,11 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from bench.executors import ExecutorError
     from bench.io import WeightsError
+    from bench.models.pipelines import PipelineError
     from bench.suite import SuiteError
 
     try:
         return args.fn(args)
-    except (SuiteError, UnknownNameError, WeightsError, ExecutorError) as e:
+    except (SuiteError, UnknownNameError, WeightsError, ExecutorError, PipelineError) as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import inspect
 import json
+import math
 import os
 import platform
 import subprocess
@@ -111,6 +112,11 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
     # blocks a cache entered and really computed, in a separate untimed pass on a small batch
     units = units_of(cache_units(method, bundle.denoiser.net), lambda: call(0, min(UNIT_BATCH, n)))
     lat, iqr = median_iqr(times)
+    decode_s = math.nan
+    if bundle.extra.get("decode") is not None:  # latents -> images for the metrics, outside the timed sampler calls
+        t0 = time.perf_counter()
+        samples = bundle.extra["decode"](samples)
+        decode_s = (time.perf_counter() - t0) / n
     row: dict[str, Any] = {
         "status": "ok",
         "error": "",
@@ -133,6 +139,7 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
         "timed_batches": len(times),
         "peak_mem_bytes": peak_mem,
         "peak_mem_scope": "sampling" if windowed else "process",
+        "decode_s_per_image": decode_s,
         "train_cost_s": method.train_cost()["wall_s"],
         "n_samples": n,
         "seed": job.seed,

@@ -58,8 +58,18 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()) if k != "weights")
+        """``name[k=v,...]``, short enough for tables and figures: a list shows as its length and a
+        hash of its items (``prompts=3#1a2b3c``), a filesystem path as its last part."""
+        opts = ",".join(f"{k}={_short(v)}" for k, v in sorted(self.options.items()) if k != "weights")
         return f"{self.name}[{opts}]" if opts else self.name
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return f"{len(v)}#{hashlib.sha256(json.dumps(list(v), default=str).encode()).hexdigest()[:6]}"
+    if isinstance(v, str) and v.startswith(("/", "./", "../", "~")):
+        return Path(v).name or v
+    return str(v)
 
 
 @dataclass(frozen=True)
@@ -370,7 +380,12 @@ def _cross_checks(suite: Suite) -> list[str]:
 
 
 def _model_kind(ms: ModelSpec) -> str:
+    """What the model predicts, known before it is built (methods are matched on it)."""
     kind = MODELS.entry(ms.name).meta["kind"]
+    if ms.name == "diffusers":  # from the pipeline's scheduler config, without loading its weights
+        from bench.models.pipelines import pipeline_kind
+
+        return pipeline_kind(str(ms.options.get("pipeline", "")))
     return ms.options.get("prediction", "eps") if kind == "eps|flow" else kind
 
 

@@ -15,10 +15,15 @@ import torch  # noqa: E402
 
 from bench.registry import METRICS  # noqa: E402
 
+PREFERRED = ("fid", "fid_inception", "exact_mse", "kid", "swd", "clip_score", "pickscore", "class_acc")
+
 
 def primary_metric(df: pd.DataFrame) -> str:
-    for m in ("fid", "exact_mse", "kid", "swd", "class_acc"):
-        if m in df.columns and df[m].notna().any():
+    """The metric the first views plot: the first of ``PREFERRED`` with values, else the first
+    registered metric with values (in column order), e.g. PSNR to a reference configuration."""
+    names = set(METRICS.names())
+    for m in (*PREFERRED, *(c for c in df.columns if c in names)):
+        if m in df.columns and pd.to_numeric(df[m], errors="coerce").notna().any():
             return m
     raise ValueError("the results hold no metric to plot")
 

@@ -132,3 +132,6 @@ def build_model(name: str, **options: Any) -> ModelBundle:
     if entry.meta.get("kind") == "classifier":
         raise ValueError(f"{name!r} is a feature network, not a generative model")
     return entry.obj(**options)
+
+
+from bench.models import pipelines  # noqa: E402, F401  (registers the real tier's `diffusers` model)

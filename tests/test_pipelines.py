@@ -1,0 +1,187 @@
+"""The real tier's `diffusers` model on a tiny random-weight Stable Diffusion pipeline saved to disk:
+bench's sampler reproduces the pipeline's own loop, a suite runs end to end (solvers and DeepCache,
+latents decoded for the metrics), and what cannot run says why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_suite
+
+from bench.models import build_model
+from bench.models.pipelines import PipelineError
+from bench.registry import METHODS
+from bench.runner import run_suite
+from bench.seeds import generators, noise
+from bench.suite import load_suite
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
+
+
+def clip_tokenizer_files(d: Path) -> None:
+    """CLIP's BPE vocabulary (shipped with open_clip) in the files transformers' CLIPTokenizer reads."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    enc = dict(tok.encoder)
+    enc["<|startoftext|>"] = enc.pop("<start_of_text>")
+    enc["<|endoftext|>"] = enc.pop("<end_of_text>")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps(enc))
+    merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
+    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges))
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> Path:
+    """A Stable Diffusion pipeline of the real classes with tiny random weights, saved like the hub's."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-sd")
+    clip_tokenizer_files(d / "tok")
+    tok = CLIPTokenizer(str(d / "tok/vocab.json"), str(d / "tok/merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae, text, tok, unet, sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+@pytest.fixture(scope="module")
+def bundle(sd_dir):
+    return build_model("diffusers", pipeline=str(sd_dir), prompts=PROMPTS, device="cpu")
+
+
+def test_the_bundle_reads_schedule_prompts_and_shapes_from_the_pipeline(bundle, sd_dir):
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler.from_pretrained(sd_dir / "scheduler")
+    sch = bundle.denoiser.schedule
+    np.testing.assert_allclose(sch.alphas_cumprod, ref.alphas_cumprod.double().numpy(), rtol=1e-5)  # scaled_linear; float32 there
+    assert bundle.kind == "eps" and bundle.num_classes == 3 and bundle.denoiser.null_class == 3
+    assert bundle.sample_shape == (4, 8, 8) and bundle.extra["prompts"] == PROMPTS
+    assert bundle.extra["decode"](torch.zeros(2, 4, 8, 8)).shape == (2, 3, 16, 16)
+    again = build_model("diffusers", pipeline=str(sd_dir), prompts=PROMPTS, device="cpu")
+    assert again.weights_hash == bundle.weights_hash
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_bench_ddim_reproduces_the_pipelines_own_loop(bundle, sd_dir, guidance):
+    """The same latents through StableDiffusionPipeline (DDIM, trailing spacing, eta 0) and through
+    bench's `ddim` adapter on the bundle: the same final latents, guided and unguided."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+    gens = generators(0, range(2), "cpu")
+    z = noise(gens, bundle.sample_shape, torch.float32, "cpu")
+    cond = torch.tensor([1, 2])
+    ours = METHODS.get("ddim")().prepare(bundle, 4)(z, cond, guidance, gens)
+    theirs = pipe(
+        [PROMPTS[1], PROMPTS[2]], latents=z.clone(), num_inference_steps=4, guidance_scale=guidance, output_type="latent"
+    ).images
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_suite_runs_solvers_and_deepcache_on_the_pipeline(sd_dir, tmp_path):
+    path = write_suite(
+        tmp_path / "sd.yaml",
+        f"""
+name: tiny-sd
+models:
+  - {{name: diffusers, options: {{pipeline: "{sd_dir}", prompts: {json.dumps(PROMPTS)}, device: cpu}}}}
+methods: [ddim, dpmpp_2m, {{name: deepcache, knobs: {{interval: [2]}}}}]
+steps: [4]
+guidance: [1.0, 3.0]
+n_samples: 6
+batch_size: 3
+metrics: [psnr, ssim]
+optional_metrics: [clip_score]
+reference: [{{method: ddim, steps: 4}}]
+timing: {{warmup: 0}}
+""",
+    )
+    run = run_suite(load_suite(path), "r", tmp_path / "res", progress=False)
+    df = pd.read_parquet(run / "results.parquet")
+    assert (df["status"] == "ok").all(), df["error"].tolist()
+    assert len(df) == 6 and (df["nfe"] == 4).all()
+    samples = np.load(run / "jobs" / df["job_id"].iloc[0] / "samples.npy")
+    assert samples.shape == (6, 3, 16, 16) and samples.min() >= -1 and samples.max() <= 1  # decoded images
+    assert (df["decode_s_per_image"] > 0).all()
+    ref = df[df["method"] == "ddim"]
+    assert np.isinf(ref["psnr"]).all()  # the reference against itself
+    cached = df[df["method"] == "deepcache"].iloc[0]
+    assert cached["units_fraction"] < 1 and cached["flops"] < ref["flops"].iloc[0]
+    assert df["missing_metrics"].eq("clip_score").all()  # weights absent here: recorded missing, never a number
+    assert df["clip_score"].isna().all() and df["error"].str.contains("bench weights fetch").all()
+
+
+def test_what_cannot_run_says_why(sd_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError, match=r"not in the local Hugging Face cache: fetch it with `hf download someone/absent`"):
+        build_model("diffusers", pipeline="someone/absent", prompts=["x"])
+    with pytest.raises(PipelineError, match="no such directory"):
+        build_model("diffusers", pipeline=str(tmp_path / "nowhere"), prompts=["x"])
+    with pytest.raises(PipelineError, match="needs `prompts"):
+        build_model("diffusers", pipeline=str(sd_dir))
+    with pytest.raises(PipelineError, match="dtype must be one of"):
+        build_model("diffusers", pipeline=str(sd_dir), prompts=["x"], dtype="float8")
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), layers_per_block=1)  # fmt: skip
+    DDPMPipeline(unet, DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(PipelineError, match="DDPMPipeline is not supported yet"):
+        build_model("diffusers", pipeline=str(tmp_path / "ddpm"), prompts=["x"])
