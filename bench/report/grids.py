@@ -81,11 +81,11 @@ def grid_figure(run: Run, model: str, guidance: float, path: Path, seeds: int = 
             if j == 0:
                 ax.set_ylabel(var, rotation=0, ha="right", va="center", fontsize=8)
     if image:
-        what = f"seeds 0-{k - 1} left to right (class-conditional models: sample k has class k mod the number of classes)"
+        what = f"seeds 0-{k - 1} left to right (sample k has class, or prompt, k mod their number)"
     else:
         what = f"dims 0-1 of all samples (grey); seeds 0-{k - 1} coloured, the same colour = the same seed in every cell"
-    fig.suptitle(f"{model}, guidance {guidance:g}: {what}", fontsize=8.5)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.suptitle(f"{model}, guidance {guidance:g}:\n{what}", fontsize=8.5)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
