@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
@@ -92,3 +94,19 @@ def tiny_suite(metrics=(), warmup: int = 0, **kw) -> Suite:
 
 def job(method: str, steps: int, guidance: float, n: int, bs: int, model: str = "x", knobs=()) -> Job:
     return Job(ModelSpec(model), method, tuple(knobs), steps, guidance, 0, n, bs)
+
+
+def clip_tokenizer_files(d: Path) -> None:
+    """CLIP's BPE vocabulary (shipped with open_clip) in the files transformers' CLIPTokenizer reads."""
+    import json
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    enc = dict(tok.encoder)
+    enc["<|startoftext|>"] = enc.pop("<start_of_text>")
+    enc["<|endoftext|>"] = enc.pop("<end_of_text>")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps(enc))
+    merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
+    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges))

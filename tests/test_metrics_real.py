@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import clip_tokenizer_files
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA
 
@@ -305,19 +306,6 @@ def test_cmmd_through_open_clip(tiny_open_clip):
 
 
 # --- PickScore: a small transformers CLIPModel and a CLIP processor saved like the hub's ----------
-
-
-def clip_tokenizer_files(d: Path) -> None:
-    """CLIP's BPE vocabulary (shipped with open_clip) in the files transformers' CLIPTokenizer reads."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tok = SimpleTokenizer()
-    enc = dict(tok.encoder)
-    enc["<|startoftext|>"] = enc.pop("<start_of_text>")
-    enc["<|endoftext|>"] = enc.pop("<end_of_text>")
-    (d / "vocab.json").write_text(json.dumps(enc))
-    merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
-    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import write_suite
+from helpers import clip_tokenizer_files
 
 from bench.models import build_model
 from bench.models.pipelines import PipelineError
@@ -21,20 +22,6 @@ from bench.seeds import generators, noise
 from bench.suite import load_suite
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
-
-
-def clip_tokenizer_files(d: Path) -> None:
-    """CLIP's BPE vocabulary (shipped with open_clip) in the files transformers' CLIPTokenizer reads."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tok = SimpleTokenizer()
-    enc = dict(tok.encoder)
-    enc["<|startoftext|>"] = enc.pop("<start_of_text>")
-    enc["<|endoftext|>"] = enc.pop("<end_of_text>")
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.json").write_text(json.dumps(enc))
-    merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
-    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges))
 
 
 @pytest.fixture(scope="module")
