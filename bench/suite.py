@@ -374,13 +374,15 @@ def _cross_checks(suite: Suite) -> list[str]:
                     )
     for i, m in enumerate(suite.methods):
         kinds = set(METHODS.entry(m.name).meta["applies_to"])
-        if suite.models and not any(_model_kind(ms) in kinds for ms in suite.models):
+        if suite.models and not any(_model_kind(ms) in kinds | {""} for ms in suite.models):
             problems.append(f"methods[{i}]: {m.name!r} applies to {sorted(kinds)} models and no model of this suite is one")
     return problems
 
 
 def _model_kind(ms: ModelSpec) -> str:
-    """What the model predicts, known before it is built (methods are matched on it)."""
+    """What the model predicts, known before it is built (methods are matched on it); "" when it
+    cannot be known yet (a pipeline not on this machine): every method is then planned, and one
+    that does not apply fails when its job builds the model, saying why."""
     kind = MODELS.entry(ms.name).meta["kind"]
     if ms.name == "diffusers":  # from the pipeline's scheduler config, without loading its weights
         from bench.models.pipelines import pipeline_kind
@@ -398,7 +400,7 @@ def expand(suite: Suite) -> tuple[list[Job], list[str]]:
         kind = _model_kind(ms)
         for m in suite.methods:
             applies = METHODS.entry(m.name).meta["applies_to"]
-            if kind not in applies:
+            if kind and kind not in applies:
                 skipped.append(f"{m.name} x {ms.label}: {m.name} applies to {'/'.join(applies)}, {ms.label} predicts {kind}")
                 continue
             names = sorted(m.knob_grid)

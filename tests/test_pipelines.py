@@ -85,6 +85,43 @@ def sd_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> Path:
+    """A Stable Diffusion 3 pipeline of the real classes with tiny random weights and no T5 encoder
+    (SD3's own low-memory option), saved like the hub's; shift 1 so its steps are plain."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-sd3")
+    clip_tokenizer_files(d / "tok")
+    tok = CLIPTokenizer(str(d / "tok/vocab.json"), str(d / "tok/merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+
+    def clip_text() -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        )  # fmt: skip
+
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=16, shift_factor=0.06, scaling_factor=1.5,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+        text_encoder=clip_text(), tokenizer=tok, text_encoder_2=clip_text(), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    pipe.save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+@pytest.fixture(scope="module")
 def bundle(sd_dir):
     return build_model("diffusers", pipeline=str(sd_dir), prompts=PROMPTS, device="cpu")
 
@@ -121,6 +158,33 @@ def test_bench_ddim_reproduces_the_pipelines_own_loop(bundle, sd_dir, guidance):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+def test_an_sd3_pipeline_is_a_flow_model_and_bench_euler_reproduces_its_loop(sd3_dir):
+    """SD3 without T5: a flow model whose condition is (token embeddings, pooled embedding); bench's
+    `euler` from the same latents at the same sigmas gives the pipeline's own Euler result."""
+    from diffusers import StableDiffusion3Pipeline
+
+    b = build_model("diffusers", pipeline=str(sd3_dir), prompts=PROMPTS, device="cpu")
+    assert b.kind == "flow" and b.sample_shape == (4, 8, 8) and b.extra["pipeline_time_shift"] == 1.0
+    net = b.denoiser.net
+    assert net.table.shape[0] == net.pooled.shape[0] == 4  # 3 prompts + the negative one
+    seen: list[float] = []
+    handle = net.register_forward_pre_hook(lambda m, a: seen.append(float(a[1].flatten()[0])))
+    gens = generators(0, range(2), "cpu")
+    z = noise(gens, b.sample_shape, torch.float32, "cpu")
+    try:
+        ours = METHODS.get("euler")().prepare(b, 4)(z, torch.tensor([0, 2]), 3.0, gens)
+    finally:
+        handle.remove()
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        [PROMPTS[0], PROMPTS[2]], latents=z.clone(), sigmas=[t / 1000 for t in seen], guidance_scale=3.0,
+        height=16, width=16, output_type="latent",
+    ).images  # fmt: skip
+    assert len(seen) == 4 and seen[0] == pytest.approx(1000.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 def test_a_suite_runs_solvers_and_deepcache_on_the_pipeline(sd_dir, tmp_path):
     path = write_suite(
         tmp_path / "sd.yaml",
@@ -154,11 +218,50 @@ timing: {{warmup: 0}}
     assert df["clip_score"].isna().all() and df["error"].str.contains("bench weights fetch").all()
 
 
+def test_dit_caches_run_on_the_sd3_pipeline(sd3_dir, tmp_path, monkeypatch):
+    """FORA and Block Caching (calibrated here, into a fresh $BENCH_HOME) on SD3's joint blocks,
+    whose last block ends the text stream: both skip blocks, and spend fewer FLOPs than Euler."""
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    path = write_suite(
+        tmp_path / "sd3.yaml",
+        f"""
+name: tiny-sd3
+models:
+  - {{name: diffusers, options: {{pipeline: "{sd3_dir}", prompts: {json.dumps(PROMPTS)}, device: cpu}}}}
+methods: [euler, {{name: fora, knobs: {{interval: [2]}}}}, block_caching]
+steps: [6]
+guidance: [2.0]
+n_samples: 4
+batch_size: 2
+metrics: [psnr]
+reference: [{{method: euler, steps: 6}}]
+timing: {{warmup: 0}}
+""",
+    )
+    run = run_suite(load_suite(path), "r", tmp_path / "res", progress=False)
+    df = pd.read_parquet(run / "results.parquet").set_index("method")
+    assert (df["status"] == "ok").all(), df["error"].tolist()
+    assert (df["nfe"] == 6).all() and np.isinf(df.loc["euler", "psnr"])
+    for m in ("fora", "block_caching"):
+        assert df.loc[m, "units_fraction"] < 1 and df.loc[m, "flops"] < df.loc["euler", "flops"], m
+        assert np.isfinite(df.loc[m, "psnr"]), m
+    assert df.loc["block_caching", "train_cost_s"] > 0  # its calibration, recorded as training cost
+
+
 def test_what_cannot_run_says_why(sd_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PipelineError, match=r"not in the local Hugging Face cache: fetch it with `hf download someone/absent`"):
         build_model("diffusers", pipeline="someone/absent", prompts=["x"])
+    # a suite naming that pipeline is still valid offline: its kind is unknown until it is fetched,
+    # so every method is planned (a solver for eps and a cache for flow alike)
+    from bench.suite import expand
+
+    absent = write_suite(tmp_path / "absent.yaml", "models: [{name: diffusers, options: {pipeline: someone/absent, "
+                         "prompts: [x]}}]\nmethods: [ddim, fora]\nsteps: [4]\nguidance: [2.0]\nmetrics: [psnr]\n"
+                         "reference: [{method: ddim, steps: 4}]\n")  # fmt: skip
+    jobs, skipped = expand(load_suite(absent))
+    assert sorted(j.method for j in jobs) == ["ddim", "fora"] and not skipped
     with pytest.raises(PipelineError, match="no such directory"):
         build_model("diffusers", pipeline=str(tmp_path / "nowhere"), prompts=["x"])
     with pytest.raises(PipelineError, match="needs `prompts"):
@@ -170,5 +273,5 @@ def test_what_cannot_run_says_why(sd_dir, tmp_path, monkeypatch):
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), norm_num_groups=4,
                        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), layers_per_block=1)  # fmt: skip
     DDPMPipeline(unet, DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
-    with pytest.raises(PipelineError, match="DDPMPipeline is not supported yet"):
+    with pytest.raises(PipelineError, match=r"DDPMPipeline \(UNet2DModel\) is not supported yet"):
         build_model("diffusers", pipeline=str(tmp_path / "ddpm"), prompts=["x"])

@@ -7,14 +7,17 @@ harness counts, times and scores it the same way:
 - the suite's prompts are encoded once; a job's "class" k is prompt k (samples cycle through the
   prompts), and the null class is the negative prompt (empty by default), so classifier-free
   guidance is bench's one batched cond + uncond pass, as in the pipeline itself;
-- the noise schedule comes from the pipeline's scheduler config (its betas, its prediction type);
-  the sampler is the method's, never the pipeline's own loop;
+- the noise schedule comes from the pipeline's scheduler config (its betas and prediction type, or
+  rectified flow for a flow-matching scheduler); the sampler is the method's, never the
+  pipeline's own loop, so a flow pipeline's time shift is not applied (the `schedule` knob of
+  bench's solvers chooses the steps);
 - samples are latents; ``decode`` (the pipeline's VAE) turns them into images in [-1, 1] for the
   metrics and grids, outside the timed sampler call.
 
-Supported so far: pipelines with a ``UNet2DConditionModel``, a text encoder and a VAE on a
-discrete DDPM-family schedule (Stable Diffusion 1.x/2.x and their fine-tunes). Others fail with a
-message saying so. Weights are read from a local directory or the local Hugging Face cache;
+Supported so far: ``UNet2DConditionModel`` pipelines on a discrete DDPM-family schedule (Stable
+Diffusion 1.x/2.x and their fine-tunes) and ``SD3Transformer2DModel`` pipelines on a flow-matching
+schedule (Stable Diffusion 3/3.5, with or without the T5 encoder). Others fail with a message
+saying so. Weights are read from a local directory or the local Hugging Face cache;
 nothing is downloaded unless ``download: true``.
 """
 
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.denoiser import Denoiser, VPSchedule
+from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
 from bench.models import ModelBundle
 from bench.registry import MODELS
 
@@ -41,14 +44,18 @@ class PipelineError(ValueError):
     """A pipeline that cannot be loaded or is not supported, with the fix in the message."""
 
 
-class TextConditionedUNet(nn.Module):
-    """``net(x, t, cond)`` over a text UNet: ``cond`` indexes the encoded prompts, the last row of
-    ``table`` being the negative (null) prompt."""
+class TextConditionedNet(nn.Module):
+    """``net(x, t, cond)`` over a pipeline's text-conditioned network: ``cond`` indexes the encoded
+    prompts, the last row of ``table`` being the negative (null) prompt. The network is kept as
+    ``.unet`` (a UNet2DConditionModel) or ``.transformer`` (an SD3 transformer, which also takes
+    the pooled text embedding), where the caches look for it."""
 
-    def __init__(self, unet: nn.Module, table: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, attr: str, table: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.unet = unet
+        self.attr = attr
+        setattr(self, attr, model)
         self.register_buffer("table", table, persistent=False)
+        self.register_buffer("pooled", pooled, persistent=False)
 
     @property
     def null_class(self) -> int:
@@ -57,8 +64,38 @@ class TextConditionedUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None:
             cond = torch.full((len(x),), self.null_class, device=x.device, dtype=torch.long)
-        emb = self.table[cond.to(self.table.device)]
-        return self.unet(x.to(emb.dtype), t, encoder_hidden_states=emb).sample.to(x.dtype)
+        cond = cond.to(self.table.device)
+        emb = self.table[cond]
+        if self.attr == "unet":
+            out = self.unet(x.to(emb.dtype), t, encoder_hidden_states=emb).sample
+        else:
+            out = self.transformer(
+                hidden_states=x.to(emb.dtype), timestep=t, encoder_hidden_states=emb, pooled_projections=self.pooled[cond]
+            ).sample
+        return out.to(x.dtype)
+
+
+def _model_index(source: str) -> dict[str, Any]:
+    """The pipeline's model_index.json (its directory, or the local Hugging Face cache); {} if absent."""
+    path: Path | None = Path(source).expanduser() / "model_index.json"
+    if not path.is_file():
+        path = _cached(source, "model_index.json")
+    try:
+        return json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cached(source: str, filename: str) -> Path | None:
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(source, filename)
+    except Exception:
+        return None
+    return Path(hit) if isinstance(hit, str) else None
 
 
 def load_pipeline(source: str, dtype: torch.dtype, download: bool = False) -> Any:
@@ -70,52 +107,52 @@ def load_pipeline(source: str, dtype: torch.dtype, download: bool = False) -> An
     local = path.is_dir()
     if not local and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1):
         raise PipelineError(f"pipeline {source!r}: no such directory, and not a hub id of the form OWNER/NAME")
+    # components saved as absent (SD3 without its T5 encoder, say) must be passed as None to load
+    absent = {k: None for k, v in _model_index(source).items() if isinstance(v, list) and v == [None, None]}
     try:
         return DiffusionPipeline.from_pretrained(
-            str(path) if local else source, dtype=dtype, local_files_only=not download and not local
+            str(path) if local else source, dtype=dtype, local_files_only=not download and not local, **absent
         )
     except (OSError, ValueError) as e:
         if local:
             raise PipelineError(f"pipeline directory {path} could not be loaded by diffusers: {e}") from e
         raise PipelineError(
-            f"pipeline {source!r} is not in the local Hugging Face cache: fetch it with `hf download {source}` "
-            "(or `huggingface-cli download`), point `pipeline:` at a local directory, or set `download: true` "
+            f"pipeline {source!r} is not in the local Hugging Face cache: fetch it with `hf download {source}`, "
+            "point `pipeline:` at a local directory, or set `download: true` "
             f"in the model's options ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
 
 
 def pipeline_kind(source: str) -> str:
-    """The prediction kind (eps, v, x0) of a pipeline from its scheduler config alone: in its
-    directory, or in the local Hugging Face cache; eps (Stable Diffusion's) when not found there,
-    in which case building the model reports what is missing."""
+    """The prediction kind (eps, v, x0, flow) of a pipeline from its scheduler config alone: in its
+    directory, or in the local Hugging Face cache; "" (unknown) when not found there, in which case
+    building the model reports what is missing."""
     cfg_path: Path | None = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
     if not cfg_path.is_file():
-        cfg_path = None
-        if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                hit = try_to_load_from_cache(source, "scheduler/scheduler_config.json")
-                cfg_path = Path(hit) if isinstance(hit, str) else None
-            except Exception:
-                cfg_path = None
+        cfg_path = _cached(source, "scheduler/scheduler_config.json")
     if cfg_path is None:
-        return "eps"
+        return ""
     try:
-        return PREDICTION.get(json.loads(cfg_path.read_text()).get("prediction_type", "epsilon"), "eps")
+        cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError):
-        return "eps"
+        return ""
+    if str(cfg.get("_class_name", "")).startswith("FlowMatch"):
+        return "flow"
+    return PREDICTION.get(cfg.get("prediction_type", "epsilon"), "eps")
 
 
-def schedule_of(scheduler: Any) -> tuple[VPSchedule, str]:
-    """The discrete VP schedule (betas) and bench prediction kind of a pipeline's scheduler."""
+def schedule_of(scheduler: Any) -> tuple[VPSchedule | FlowSchedule, str]:
+    """The bench schedule and prediction kind of a pipeline's scheduler: rectified flow for a
+    flow-matching scheduler, else the discrete VP schedule of its betas."""
     from diffusers import DDPMScheduler
 
     cfg = dict(scheduler.config)
-    if "beta_schedule" not in cfg or cfg.get("use_flow_sigmas") or "shift" in cfg:
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return FlowSchedule(int(cfg.get("num_train_timesteps", 1000))), "flow"
+    if "beta_schedule" not in cfg or cfg.get("use_flow_sigmas"):
         raise PipelineError(
-            f"the pipeline's scheduler {type(scheduler).__name__} is not a discrete DDPM-family schedule; "
-            "bench's diffusers backend supports those so far (Stable Diffusion 1.x/2.x), not flow-matching pipelines"
+            f"the pipeline's scheduler {type(scheduler).__name__} is neither a discrete DDPM-family schedule nor "
+            "flow matching; bench's diffusers backend supports those two so far"
         )
     kind = PREDICTION.get(cfg.get("prediction_type", "epsilon"))
     if kind is None:
@@ -158,15 +195,15 @@ def _decoder(vae: nn.Module, device: str | torch.device, batch: int = 8) -> Call
 
 @MODELS.register(
     "diffusers",
-    kind="eps|v",
+    kind="eps|v|flow",
     data="image",
-    description="a diffusers text-to-image pipeline (UNet2DConditionModel, DDPM-family schedule) by hub id or local path",
+    description="a diffusers text-to-image pipeline (SD 1.x/2.x UNet, SD3 transformer) by hub id or local path",
     options={
         "pipeline": "hub id (OWNER/NAME, from the local Hugging Face cache) or a local directory",
         "prompts": "list of prompts (sample k uses prompt k mod len); or prompts_file",
         "prompts_file": "text file, one prompt per line",
         "negative_prompt": "the null condition of classifier-free guidance (default '')",
-        "height": "int, pixels (default: the UNet's sample size x the VAE factor)",
+        "height": "int, pixels (default: the network's sample size x the VAE factor)",
         "width": "int, pixels (default: as height)",
         "dtype": "float32 | float16 | bfloat16 (default float32)",
         "device": "cpu | cuda | auto (default auto)",
@@ -195,30 +232,56 @@ def diffusers_pipeline(
         raise PipelineError("a diffusers text-to-image model needs `prompts: [..]` (a list of strings) or `prompts_file:`")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     pipe = load_pipeline(pipeline, DTYPES[dtype], bool(download))
-    unet = getattr(pipe, "unet", None)
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if getattr(pipe, c, None) is None]
-    if missing or type(unet).__name__ != "UNet2DConditionModel" or not hasattr(pipe, "encode_prompt"):
-        raise PipelineError(
-            f"{type(pipe).__name__} is not supported yet: bench's diffusers backend runs text-to-image pipelines with a "
-            f"UNet2DConditionModel, a text encoder and a VAE (Stable Diffusion 1.x/2.x){'; missing: ' + ', '.join(missing) if missing else ''}"
-        )
+    family = _family(pipe)
+    model = getattr(pipe, family)
     schedule, kind = schedule_of(pipe.scheduler)
     pipe.to(dev)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    height = int(height or unet.config.sample_size * factor)
+    patch = int(getattr(model.config, "patch_size", 1) or 1)
+    height = int(height or model.config.sample_size * factor)
     width = int(width or height)
-    if height % factor or width % factor:
-        raise PipelineError(f"height and width must be multiples of {factor} (the VAE's downsampling), got {height}x{width}")
+    if height % (factor * patch) or width % (factor * patch):
+        raise PipelineError(
+            f"height and width must be multiples of {factor * patch} (the VAE's downsampling x the patch size), got {height}x{width}"
+        )
+    n = len(prompts)
+    neg = [negative_prompt] * n
     with torch.no_grad():
-        emb, neg = pipe.encode_prompt(list(prompts), dev, 1, True, negative_prompt=[negative_prompt] * len(prompts))
-    net = TextConditionedUNet(unet, torch.cat([emb, neg[:1]])).eval().requires_grad_(False)
+        if family == "unet":
+            emb, neg_emb = pipe.encode_prompt(list(prompts), dev, 1, True, negative_prompt=neg)
+            net = TextConditionedNet(model, "unet", torch.cat([emb, neg_emb[:1]]))
+        else:
+            emb, neg_emb, pooled, neg_pooled = pipe.encode_prompt(
+                list(prompts), list(prompts), list(prompts), dev, 1, True, negative_prompt=neg, negative_prompt_2=neg, negative_prompt_3=neg
+            )  # fmt: skip
+            net = TextConditionedNet(model, "transformer", torch.cat([emb, neg_emb[:1]]), torch.cat([pooled, neg_pooled[:1]]))
+    net = net.eval().requires_grad_(False)
+    extra: dict[str, Any] = {"prompts": list(prompts), "decode": _decoder(pipe.vae, dev), "pipeline": type(pipe).__name__}
+    if kind == "flow":
+        extra["pipeline_time_shift"] = dict(pipe.scheduler.config).get("shift")  # not applied: see the module docstring
     return ModelBundle(
         name="diffusers",
         denoiser=Denoiser(net, kind, schedule, net.null_class),
-        sample_shape=(int(unet.config.in_channels), height // factor, width // factor),
+        sample_shape=(int(model.config.in_channels), height // factor, width // factor),
         data="image",
-        num_classes=len(prompts),
+        num_classes=n,
         dtype=torch.float32,
         weights_hash=pipeline_hash(pipe),
-        extra={"prompts": list(prompts), "decode": _decoder(pipe.vae, dev), "pipeline": type(pipe).__name__},
+        extra=extra,
+    )
+
+
+def _family(pipe: Any) -> str:
+    """``unet`` (SD 1.x/2.x) or ``transformer`` (SD3); anything else is an error that says so."""
+    unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
+    has = all(getattr(pipe, c, None) is not None for c in ("vae", "text_encoder", "tokenizer")) and hasattr(pipe, "encode_prompt")
+    if has and type(unet).__name__ == "UNet2DConditionModel":
+        return "unet"
+    if has and type(transformer).__name__ == "SD3Transformer2DModel":
+        return "transformer"
+    net = type(unet if unet is not None else transformer).__name__
+    raise PipelineError(
+        f"{type(pipe).__name__} ({net}) is not supported yet: bench's diffusers backend runs text-to-image pipelines "
+        "with a UNet2DConditionModel (Stable Diffusion 1.x/2.x) or an SD3Transformer2DModel (Stable Diffusion 3), "
+        "each with its text encoders and VAE"
     )

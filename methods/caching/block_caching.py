@@ -147,7 +147,9 @@ class BlockCacheHook(ModelHook):
         call = self.state_manager.get_state().call
         x = self.io.inputs(args, kwargs)
         if self.cached is not None and call < len(self.compute) and not self.compute[call]:
-            return self.io.build(x[0] + self.cached[0], x[1] + self.cached[1] if x[1] is not None else None)
+            # a block that ends the text stream (SD3's last) returns None for it: so does its reuse
+            ehs = x[1] + self.cached[1] if x[1] is not None and self.cached[1] is not None else None
+            return self.io.build(x[0] + self.cached[0], ehs)
         out = self.fn_ref.original_forward(*args, **kwargs)
         if call + 1 < len(self.compute) and not self.compute[call + 1 :].all():  # a reuse is still to come
             self.cached = sub(self.io.outputs(out), x)
