@@ -378,7 +378,8 @@ def run_suite(
     rec_path = out / "run.json"
     record = _read_row(rec_path) or run_record(suite, run_id, command)
     record["skipped_pairs"] = skipped
-    planned, duplicates = plan_jobs(suite, jobs, key_device, key_threads)
+    # the local executor keeps the models the plan built (a real pipeline is loaded once, not twice)
+    planned, duplicates = plan_jobs(suite, jobs, key_device, key_threads, models=getattr(ex, "models", None))
     record["duplicate_jobs"] = duplicates
     sess: dict[str, Any] = {"session": session, "started": dt.datetime.now().isoformat(timespec="seconds"), "command": command}
     sess |= {"executor": kind, "fresh": fresh, "retries": retries, "store": str(jobstore.root)}

@@ -185,7 +185,12 @@ def test_an_sd3_pipeline_is_a_flow_model_and_bench_euler_reproduces_its_loop(sd3
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_a_suite_runs_solvers_and_deepcache_on_the_pipeline(sd_dir, tmp_path):
+def test_a_suite_runs_solvers_and_deepcache_on_the_pipeline(sd_dir, tmp_path, monkeypatch):
+    import bench.models.pipelines as pipelines
+
+    loads = []
+    real_load = pipelines.load_pipeline
+    monkeypatch.setattr(pipelines, "load_pipeline", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     path = write_suite(
         tmp_path / "sd.yaml",
         f"""
@@ -204,6 +209,7 @@ timing: {{warmup: 0}}
 """,
     )
     run = run_suite(load_suite(path), "r", tmp_path / "res", progress=False)
+    assert len(loads) == 1  # planning and the local executor share one loaded pipeline
     df = pd.read_parquet(run / "results.parquet")
     assert (df["status"] == "ok").all(), df["error"].tolist()
     assert len(df) == 6 and (df["nfe"] == 4).all()
