@@ -126,6 +126,15 @@ def bundle(sd_dir):
     return build_model("diffusers", pipeline=str(sd_dir), prompts=PROMPTS, device="cpu")
 
 
+def pipeline_suite(tmp_path: Path, pipe_dir: Path, body: str) -> Path:
+    """A suite of the `diffusers` model on ``pipe_dir`` with PROMPTS, no warm-up, and ``body``."""
+    head = (
+        f'name: tiny-{pipe_dir.parent.name}\nmodels:\n  - {{name: diffusers, options: {{pipeline: "{pipe_dir}", '
+        f"prompts: {json.dumps(PROMPTS)}, device: cpu}}}}\ntiming: {{warmup: 0}}\n"
+    )
+    return write_suite(tmp_path / "suite.yaml", head + body)
+
+
 def test_the_bundle_reads_schedule_prompts_and_shapes_from_the_pipeline(bundle, sd_dir):
     from diffusers import DDIMScheduler
 
@@ -191,21 +200,18 @@ def test_a_suite_runs_solvers_and_deepcache_on_the_pipeline(sd_dir, tmp_path, mo
     loads = []
     real_load = pipelines.load_pipeline
     monkeypatch.setattr(pipelines, "load_pipeline", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    path = write_suite(
-        tmp_path / "sd.yaml",
-        f"""
-name: tiny-sd
-models:
-  - {{name: diffusers, options: {{pipeline: "{sd_dir}", prompts: {json.dumps(PROMPTS)}, device: cpu}}}}
-methods: [ddim, dpmpp_2m, {{name: deepcache, knobs: {{interval: [2]}}}}]
+    path = pipeline_suite(
+        tmp_path,
+        sd_dir,
+        """
+methods: [ddim, dpmpp_2m, {name: deepcache, knobs: {interval: [2]}}]
 steps: [4]
 guidance: [1.0, 3.0]
 n_samples: 6
 batch_size: 3
 metrics: [psnr, ssim]
 optional_metrics: [clip_score]
-reference: [{{method: ddim, steps: 4}}]
-timing: {{warmup: 0}}
+reference: [{method: ddim, steps: 4}]
 """,
     )
     run = run_suite(load_suite(path), "r", tmp_path / "res", progress=False)
@@ -228,20 +234,17 @@ def test_dit_caches_run_on_the_sd3_pipeline(sd3_dir, tmp_path, monkeypatch):
     """FORA and Block Caching (calibrated here, into a fresh $BENCH_HOME) on SD3's joint blocks,
     whose last block ends the text stream: both skip blocks, and spend fewer FLOPs than Euler."""
     monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    path = write_suite(
-        tmp_path / "sd3.yaml",
-        f"""
-name: tiny-sd3
-models:
-  - {{name: diffusers, options: {{pipeline: "{sd3_dir}", prompts: {json.dumps(PROMPTS)}, device: cpu}}}}
-methods: [euler, {{name: fora, knobs: {{interval: [2]}}}}, block_caching]
+    path = pipeline_suite(
+        tmp_path,
+        sd3_dir,
+        """
+methods: [euler, {name: fora, knobs: {interval: [2]}}, block_caching]
 steps: [6]
 guidance: [2.0]
 n_samples: 4
 batch_size: 2
 metrics: [psnr]
-reference: [{{method: euler, steps: 6}}]
-timing: {{warmup: 0}}
+reference: [{method: euler, steps: 6}]
 """,
     )
     run = run_suite(load_suite(path), "r", tmp_path / "res", progress=False)
