@@ -94,7 +94,8 @@ class Denoiser:
     (or None for an unconditional model) and ``null_class`` the label trained as "no class".
     Guidance follows Ho & Salimans: ``u + w (c - u)``; ``w == 1`` (or no cond) is one plain pass.
     The harness counts network forwards on ``self.net``; a guided evaluation is one forward of
-    a doubled batch.
+    a doubled batch. A guidance-distilled network (``guidance_embedded``) instead takes the scale
+    as a fourth input, ``net(x, t, cond, guidance)``, in one plain pass.
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class Denoiser:
         prediction: Prediction,
         schedule: Schedule,
         null_class: int | None = None,
+        guidance_embedded: bool = False,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -112,6 +114,7 @@ class Denoiser:
         self.prediction = prediction
         self.schedule = schedule
         self.null_class = null_class
+        self.guidance_embedded = guidance_embedded
 
     @property
     def kind(self) -> str:
@@ -128,12 +131,19 @@ class Denoiser:
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if self.guidance_embedded:  # a guidance-distilled network (FLUX.1-dev) takes the scale as an input
+            return self.net(x, t, cond, guidance)
         if cond is None or guidance == 1.0 or self.null_class is None:
             return self.net(x, t, cond)
         null = torch.full_like(cond, self.null_class)
         out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
         c, u = out.chunk(2)
         return u + guidance * (c - u)
+
+    def rows_per_sample(self, guidance: float, conditional: bool) -> int:
+        """Network rows one evaluation spends per sample: 2 for a classifier-free-guided call (the
+        cond and uncond halves of one batch), else 1 (no guidance, or guidance embedded)."""
+        return 2 if conditional and guidance != 1.0 and not self.guidance_embedded and self.null_class is not None else 1
 
     def alpha_sigma(self, t: torch.Tensor | float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.as_tensor(t, device=like.device)

@@ -29,8 +29,8 @@ from bench.store import JobStore
 from bench.suite import Job, Suite, expand
 
 
-def _cfg_rows(job: Job, num_classes: int | None) -> int:
-    return 2 if num_classes is not None and job.guidance != 1.0 else 1
+def _cfg_rows(job: Job, bundle: Any) -> int:
+    return bundle.denoiser.rows_per_sample(job.guidance, bundle.num_classes is not None)
 
 
 @contextmanager
@@ -54,7 +54,7 @@ def probe_nfe(job: Job, bundle: Any, device: str) -> float:
     cond = torch.zeros(1, dtype=torch.long, device=device) if bundle.num_classes is not None else None
     with ForwardCounter(bundle.denoiser.net) as counter, torch.no_grad(), _torch_threads(1):
         sampler(z, cond, job.guidance, gens)
-    return counter.rows / _cfg_rows(job, bundle.num_classes)
+    return counter.rows / _cfg_rows(job, bundle)
 
 
 def probe_call_seconds(bundle: Any, batch: int, guided: bool, device: str, repeats: int = 2, probe_batch: int = 16) -> float:
@@ -105,7 +105,7 @@ def plan_suite(
         if dev != "cpu":
             bundle.denoiser.net.to(dev)
         cls = METHODS.get(job.method)
-        cfg = _cfg_rows(job, bundle.num_classes)
+        cfg = _cfg_rows(job, bundle)
         bs = min(job.batch_size, job.n_samples)
         batches = math.ceil(job.n_samples / job.batch_size) + suite.warmup
         nfe, source = float(job.steps), "steps (not probed)"

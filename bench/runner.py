@@ -80,7 +80,7 @@ def run_job(job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu") ->
     n, bs = job.n_samples, job.batch_size
     conditional = bundle.num_classes is not None
     labels = torch.arange(n) % bundle.num_classes if conditional else None
-    cfg_rows = 2 if conditional and job.guidance != 1.0 else 1
+    cfg_rows = bundle.denoiser.rows_per_sample(job.guidance, conditional)
 
     def call(lo: int, hi: int) -> torch.Tensor:
         gens = generators(job.seed, range(lo, hi), device)

@@ -122,6 +122,45 @@ def sd3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory) -> Path:
+    """A FLUX.1-dev-style pipeline (guidance-distilled transformer, CLIP + T5 encoders) with tiny
+    random weights, saved like the hub's; its T5 tokenizer is a small Unigram vocabulary."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-flux")
+    clip_tokenizer_files(d / "tok")
+    tok = CLIPTokenizer(str(d / "tok/vocab.json"), str(d / "tok/merges.txt"), model_max_length=16)
+    words = ["<pad>", "</s>", "<unk>", *sorted({w for p in PROMPTS for w in p.split()})]
+    raw = Tokenizer(models.Unigram([(w, -1.0) for w in words], unk_id=2))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok2 = T5TokenizerFast(tokenizer_object=raw, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    torch.manual_seed(0)
+    clip = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    )  # fmt: skip
+    t5 = T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 2, 2),
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=16, shift_factor=0.06, scaling_factor=1.5,
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=clip, tokenizer=tok,
+        text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer,
+    )  # fmt: skip
+    pipe.save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+@pytest.fixture(scope="module")
 def bundle(sd_dir):
     return build_model("diffusers", pipeline=str(sd_dir), prompts=PROMPTS, device="cpu")
 
@@ -192,6 +231,60 @@ def test_an_sd3_pipeline_is_a_flow_model_and_bench_euler_reproduces_its_loop(sd3
     ).images  # fmt: skip
     assert len(seen) == 4 and seen[0] == pytest.approx(1000.0)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_flux_guidance_is_embedded_and_bench_euler_reproduces_its_loop(flux_dir):
+    """FLUX.1-dev style: packed 2x2 latent tokens, and guidance as an input of one pass per step
+    (no uncond half); bench's `euler` from the same latents at the same sigmas gives FluxPipeline's."""
+    from diffusers import FluxPipeline
+
+    from bench.models.digits_nets import pack, unpack
+
+    b = build_model("diffusers", pipeline=str(flux_dir), prompts=PROMPTS, device="cpu", height=16)
+    assert b.kind == "flow" and b.sample_shape == (4, 8, 8) and b.denoiser.guidance_embedded
+    assert b.denoiser.rows_per_sample(3.0, True) == 1
+    net = b.denoiser.net
+    seen: list[float] = []
+    handle = net.register_forward_pre_hook(lambda m, a: seen.append(float(a[1].flatten()[0])))
+    gens = generators(0, range(2), "cpu")
+    z = noise(gens, b.sample_shape, torch.float32, "cpu")
+    try:
+        ours = METHODS.get("euler")().prepare(b, 4)(z, torch.tensor([0, 2]), 3.0, gens)
+    finally:
+        handle.remove()
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        [PROMPTS[0], PROMPTS[2]], latents=pack(z.clone()), sigmas=[t / 1000 for t in seen], guidance_scale=3.0,
+        height=16, width=16, output_type="latent",
+    ).images  # fmt: skip
+    assert len(seen) == 4
+    torch.testing.assert_close(ours, unpack(theirs, *b.sample_shape), rtol=1e-4, atol=1e-5)
+
+
+def test_caches_on_flux_and_guided_nfe_counts_one_pass(flux_dir, tmp_path):
+    """At guidance 3 a guidance-distilled model spends one pass per step: NFE = steps. FORA and
+    FirstBlockCache (diffusers' hook) skip blocks and spend fewer FLOPs than Euler."""
+    path = pipeline_suite(
+        tmp_path,
+        flux_dir,
+        """
+methods: [euler, {name: fora, knobs: {interval: [2]}}, {name: first_block_cache, knobs: {threshold: [0.2]}}]
+steps: [6]
+guidance: [3.0]
+n_samples: 4
+batch_size: 2
+metrics: [psnr]
+reference: [{method: euler, steps: 6}]
+""",
+    )
+    path.write_text(path.read_text().replace("device: cpu}", "device: cpu, height: 16}"))
+    run = run_suite(load_suite(path), "r", tmp_path / "res", progress=False)
+    df = pd.read_parquet(run / "results.parquet").set_index("method")
+    assert (df["status"] == "ok").all(), df["error"].tolist()
+    assert (df["nfe"] == 6).all() and (df["network_calls"] == 6 * 2).all()  # 2 batches, one pass per step
+    for m in ("fora", "first_block_cache"):
+        assert df.loc[m, "units_fraction"] < 1 and df.loc[m, "flops"] < df.loc["euler", "flops"], m
 
 
 def test_a_suite_runs_solvers_and_deepcache_on_the_pipeline(sd_dir, tmp_path, monkeypatch):

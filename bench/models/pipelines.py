@@ -15,9 +15,10 @@ harness counts, times and scores it the same way:
   metrics and grids, outside the timed sampler call.
 
 Supported so far: ``UNet2DConditionModel`` pipelines on a discrete DDPM-family schedule (Stable
-Diffusion 1.x/2.x and their fine-tunes) and ``SD3Transformer2DModel`` pipelines on a flow-matching
-schedule (Stable Diffusion 3/3.5, with or without the T5 encoder). Others fail with a message
-saying so. Weights are read from a local directory or the local Hugging Face cache;
+Diffusion 1.x/2.x and their fine-tunes), ``SD3Transformer2DModel`` pipelines on a flow-matching
+schedule (Stable Diffusion 3/3.5, with or without the T5 encoder) and ``FluxTransformer2DModel``
+pipelines (FLUX.1; a guidance-distilled one takes the guidance scale as an input, one pass per
+step). Others fail with a message saying so. Weights are read from a local directory or the local Hugging Face cache;
 nothing is downloaded unless ``download: true``.
 """
 
@@ -45,33 +46,59 @@ class PipelineError(ValueError):
 
 
 class TextConditionedNet(nn.Module):
-    """``net(x, t, cond)`` over a pipeline's text-conditioned network: ``cond`` indexes the encoded
-    prompts, the last row of ``table`` being the negative (null) prompt. The network is kept as
-    ``.unet`` (a UNet2DConditionModel) or ``.transformer`` (an SD3 transformer, which also takes
-    the pooled text embedding), where the caches look for it."""
+    """``net(x, t, cond[, guidance])`` over a pipeline's text-conditioned network: ``cond`` indexes
+    the encoded prompts, the last row of ``table`` being the negative (null) prompt.
 
-    def __init__(self, model: nn.Module, attr: str, table: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+    ``family`` says how the network is called: ``unet`` (a UNet2DConditionModel, kept as
+    ``.unet``), ``sd3`` (an SD3 transformer, also given the pooled text embedding) or ``flux`` (a
+    Flux transformer: latents packed into 2x2 patch tokens with their position ids, t / 1000 as
+    FluxPipeline passes it, and the guidance scale as an input when the model is guidance-
+    distilled). Transformers are kept as ``.transformer``, where the caches look for them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: str,
+        table: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        latent_hw: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
-        self.attr = attr
-        setattr(self, attr, model)
+        self.family = family
+        setattr(self, "unet" if family == "unet" else "transformer", model)
         self.register_buffer("table", table, persistent=False)
         self.register_buffer("pooled", pooled, persistent=False)
+        if family == "flux":
+            from bench.models.digits_nets import image_ids
+
+            self.register_buffer("img_ids", image_ids(*latent_hw).to(table.dtype), persistent=False)
+            self.register_buffer("txt_ids", torch.zeros(table.shape[1], 3, dtype=table.dtype), persistent=False)
 
     @property
     def null_class(self) -> int:
         return len(self.table) - 1
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance: float | None = None) -> torch.Tensor:
         if cond is None:
             cond = torch.full((len(x),), self.null_class, device=x.device, dtype=torch.long)
         cond = cond.to(self.table.device)
         emb = self.table[cond]
-        if self.attr == "unet":
-            out = self.unet(x.to(emb.dtype), t, encoder_hidden_states=emb).sample
-        else:
+        h = x.to(emb.dtype)
+        if self.family == "unet":
+            out = self.unet(h, t, encoder_hidden_states=emb).sample
+        elif self.family == "sd3":
             out = self.transformer(
-                hidden_states=x.to(emb.dtype), timestep=t, encoder_hidden_states=emb, pooled_projections=self.pooled[cond]
+                hidden_states=h, timestep=t, encoder_hidden_states=emb, pooled_projections=self.pooled[cond]
             ).sample
+        else:
+            from bench.models.digits_nets import pack, unpack
+
+            g = None if guidance is None else torch.full((len(x),), float(guidance), device=x.device, dtype=torch.float32)
+            out = self.transformer(
+                hidden_states=pack(h), timestep=t.to(emb.dtype) / 1000, guidance=g, pooled_projections=self.pooled[cond],
+                encoder_hidden_states=emb, txt_ids=self.txt_ids, img_ids=self.img_ids,
+            ).sample  # fmt: skip
+            out = unpack(out, *x.shape[1:])
         return out.to(x.dtype)
 
 
@@ -197,7 +224,7 @@ def _decoder(vae: nn.Module, device: str | torch.device, batch: int = 8) -> Call
     "diffusers",
     kind="eps|v|flow",
     data="image",
-    description="a diffusers text-to-image pipeline (SD 1.x/2.x UNet, SD3 transformer) by hub id or local path",
+    description="a diffusers text-to-image pipeline (SD 1.x/2.x UNet, SD3 or Flux transformer) by hub id or local path",
     options={
         "pipeline": "hub id (OWNER/NAME, from the local Hugging Face cache) or a local directory",
         "prompts": "list of prompts (sample k uses prompt k mod len); or prompts_file",
@@ -233,12 +260,13 @@ def diffusers_pipeline(
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     pipe = load_pipeline(pipeline, DTYPES[dtype], bool(download))
     family = _family(pipe)
-    model = getattr(pipe, family)
+    model = getattr(pipe, "unet" if family == "unet" else "transformer")
     schedule, kind = schedule_of(pipe.scheduler)
     pipe.to(dev)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    patch = int(getattr(model.config, "patch_size", 1) or 1)
-    height = int(height or model.config.sample_size * factor)
+    patch = 2 if family == "flux" else int(getattr(model.config, "patch_size", 1) or 1)  # Flux packs 2x2
+    size = getattr(model.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)  # Flux: the pipeline's
+    height = int(height or size * factor)
     width = int(width or height)
     if height % (factor * patch) or width % (factor * patch):
         raise PipelineError(
@@ -246,23 +274,31 @@ def diffusers_pipeline(
         )
     n = len(prompts)
     neg = [negative_prompt] * n
+    latent_ch = int(model.config.in_channels) // (4 if family == "flux" else 1)  # Flux's input is 2x2-packed
+    latent_hw = (height // factor, width // factor)
+    embedded = family == "flux" and bool(getattr(model.config, "guidance_embeds", False))
     with torch.no_grad():
         if family == "unet":
             emb, neg_emb = pipe.encode_prompt(list(prompts), dev, 1, True, negative_prompt=neg)
             net = TextConditionedNet(model, "unet", torch.cat([emb, neg_emb[:1]]))
-        else:
+        elif family == "sd3":
             emb, neg_emb, pooled, neg_pooled = pipe.encode_prompt(
                 list(prompts), list(prompts), list(prompts), dev, 1, True, negative_prompt=neg, negative_prompt_2=neg, negative_prompt_3=neg
             )  # fmt: skip
-            net = TextConditionedNet(model, "transformer", torch.cat([emb, neg_emb[:1]]), torch.cat([pooled, neg_pooled[:1]]))
+            net = TextConditionedNet(model, "sd3", torch.cat([emb, neg_emb[:1]]), torch.cat([pooled, neg_pooled[:1]]))
+        else:
+            emb, pooled, _ = pipe.encode_prompt(list(prompts), list(prompts), dev, 1)
+            neg_emb, neg_pooled, _ = pipe.encode_prompt([negative_prompt], [negative_prompt], dev, 1)
+            net = TextConditionedNet(model, "flux", torch.cat([emb, neg_emb]), torch.cat([pooled, neg_pooled]), latent_hw)
     net = net.eval().requires_grad_(False)
     extra: dict[str, Any] = {"prompts": list(prompts), "decode": _decoder(pipe.vae, dev), "pipeline": type(pipe).__name__}
     if kind == "flow":
         extra["pipeline_time_shift"] = dict(pipe.scheduler.config).get("shift")  # not applied: see the module docstring
+        extra["guidance"] = "embedded (guidance-distilled: one pass per step)" if embedded else "classifier-free"
     return ModelBundle(
         name="diffusers",
-        denoiser=Denoiser(net, kind, schedule, net.null_class),
-        sample_shape=(int(model.config.in_channels), height // factor, width // factor),
+        denoiser=Denoiser(net, kind, schedule, net.null_class, guidance_embedded=embedded),
+        sample_shape=(latent_ch, *latent_hw),
         data="image",
         num_classes=n,
         dtype=torch.float32,
@@ -272,16 +308,15 @@ def diffusers_pipeline(
 
 
 def _family(pipe: Any) -> str:
-    """``unet`` (SD 1.x/2.x) or ``transformer`` (SD3); anything else is an error that says so."""
+    """``unet`` (SD 1.x/2.x), ``sd3`` (SD3) or ``flux`` (FLUX.1); anything else is an error that says so."""
     unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
     has = all(getattr(pipe, c, None) is not None for c in ("vae", "text_encoder", "tokenizer")) and hasattr(pipe, "encode_prompt")
-    if has and type(unet).__name__ == "UNet2DConditionModel":
-        return "unet"
-    if has and type(transformer).__name__ == "SD3Transformer2DModel":
-        return "transformer"
+    kinds = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
     net = type(unet if unet is not None else transformer).__name__
+    if has and net in kinds and (net != "FluxTransformer2DModel" or getattr(pipe, "text_encoder_2", None) is not None):
+        return kinds[net]
     raise PipelineError(
         f"{type(pipe).__name__} ({net}) is not supported yet: bench's diffusers backend runs text-to-image pipelines "
-        "with a UNet2DConditionModel (Stable Diffusion 1.x/2.x) or an SD3Transformer2DModel (Stable Diffusion 3), "
-        "each with its text encoders and VAE"
+        "with a UNet2DConditionModel (Stable Diffusion 1.x/2.x), an SD3Transformer2DModel (Stable Diffusion 3) or a "
+        "FluxTransformer2DModel (FLUX.1), each with its text encoders and VAE"
     )

@@ -146,7 +146,7 @@ class CFGCacheDenoiser(Denoiser):
     ``interval`` 1 is the plain denoiser, bit for bit."""
 
     def __init__(self, base: Denoiser, interval: int, t_high: float, alpha_low: float, alpha_high: float) -> None:
-        super().__init__(base.net, base.prediction, base.schedule, base.null_class)
+        super().__init__(base.net, base.prediction, base.schedule, base.null_class, base.guidance_embedded)
         self.interval, self.t_high, self.alpha_low, self.alpha_high = interval, t_high, alpha_low, alpha_high
         self.reset()
 
@@ -171,7 +171,7 @@ class CFGCacheDenoiser(Denoiser):
     def __call__(
         self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None, guidance: float = 1.0
     ) -> torch.Tensor:
-        if cond is None or guidance == 1.0 or self.null_class is None or self.interval == 1:
+        if cond is None or guidance == 1.0 or self.null_class is None or self.interval == 1 or self.guidance_embedded:
             return super().__call__(x, t, cond, guidance)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
