@@ -84,11 +84,22 @@ def sd_dir(tmp_path_factory) -> Path:
     return d / "pipe"
 
 
+def tiny_flow_vae():
+    """A 2x-downsampling VAE with a shift and scale, as the flow pipelines' VAEs have."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=16, shift_factor=0.06, scaling_factor=1.5,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory) -> Path:
     """A Stable Diffusion 3 pipeline of the real classes with tiny random weights and no T5 encoder
     (SD3's own low-memory option), saved like the hub's; shift 1 so its steps are plain."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     d = tmp_path_factory.mktemp("tiny-sd3")
@@ -107,11 +118,7 @@ def sd3_dir(tmp_path_factory) -> Path:
         sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
     )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=4, sample_size=16, shift_factor=0.06, scaling_factor=1.5,
-    )  # fmt: skip
+    vae = tiny_flow_vae()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
         text_encoder=clip_text(), tokenizer=tok, text_encoder_2=clip_text(), tokenizer_2=tok,
@@ -125,7 +132,7 @@ def sd3_dir(tmp_path_factory) -> Path:
 def flux_dir(tmp_path_factory) -> Path:
     """A FLUX.1-dev-style pipeline (guidance-distilled transformer, CLIP + T5 encoders) with tiny
     random weights, saved like the hub's; its T5 tokenizer is a small Unigram vocabulary."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
@@ -147,11 +154,7 @@ def flux_dir(tmp_path_factory) -> Path:
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 2, 2),
     )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=4, sample_size=16, shift_factor=0.06, scaling_factor=1.5,
-    )  # fmt: skip
+    vae = tiny_flow_vae()
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=clip, tokenizer=tok,
         text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer,
@@ -206,6 +209,19 @@ def test_bench_ddim_reproduces_the_pipelines_own_loop(bundle, sd_dir, guidance):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+def euler_at_guidance_3(b) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """bench's 4-step `euler` on prompts 0 and 2 at guidance 3: the result, the start latents, and
+    the times the network was called at (for the pipeline's ``sigmas``)."""
+    seen: list[float] = []
+    handle = b.denoiser.net.register_forward_pre_hook(lambda m, a: seen.append(float(a[1].flatten()[0])))
+    gens = generators(0, range(2), "cpu")
+    z = noise(gens, b.sample_shape, torch.float32, "cpu")
+    try:
+        return METHODS.get("euler")().prepare(b, 4)(z, torch.tensor([0, 2]), 3.0, gens), z, seen
+    finally:
+        handle.remove()
+
+
 def test_an_sd3_pipeline_is_a_flow_model_and_bench_euler_reproduces_its_loop(sd3_dir):
     """SD3 without T5: a flow model whose condition is (token embeddings, pooled embedding); bench's
     `euler` from the same latents at the same sigmas gives the pipeline's own Euler result."""
@@ -215,14 +231,7 @@ def test_an_sd3_pipeline_is_a_flow_model_and_bench_euler_reproduces_its_loop(sd3
     assert b.kind == "flow" and b.sample_shape == (4, 8, 8) and b.extra["pipeline_time_shift"] == 1.0
     net = b.denoiser.net
     assert net.table.shape[0] == net.pooled.shape[0] == 4  # 3 prompts + the negative one
-    seen: list[float] = []
-    handle = net.register_forward_pre_hook(lambda m, a: seen.append(float(a[1].flatten()[0])))
-    gens = generators(0, range(2), "cpu")
-    z = noise(gens, b.sample_shape, torch.float32, "cpu")
-    try:
-        ours = METHODS.get("euler")().prepare(b, 4)(z, torch.tensor([0, 2]), 3.0, gens)
-    finally:
-        handle.remove()
+    ours, z, seen = euler_at_guidance_3(b)
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(
@@ -243,15 +252,7 @@ def test_flux_guidance_is_embedded_and_bench_euler_reproduces_its_loop(flux_dir)
     b = build_model("diffusers", pipeline=str(flux_dir), prompts=PROMPTS, device="cpu", height=16)
     assert b.kind == "flow" and b.sample_shape == (4, 8, 8) and b.denoiser.guidance_embedded
     assert b.denoiser.rows_per_sample(3.0, True) == 1
-    net = b.denoiser.net
-    seen: list[float] = []
-    handle = net.register_forward_pre_hook(lambda m, a: seen.append(float(a[1].flatten()[0])))
-    gens = generators(0, range(2), "cpu")
-    z = noise(gens, b.sample_shape, torch.float32, "cpu")
-    try:
-        ours = METHODS.get("euler")().prepare(b, 4)(z, torch.tensor([0, 2]), 3.0, gens)
-    finally:
-        handle.remove()
+    ours, z, seen = euler_at_guidance_3(b)
     pipe = FluxPipeline.from_pretrained(flux_dir)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(
