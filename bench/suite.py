@@ -383,12 +383,9 @@ def _model_kind(ms: ModelSpec) -> str:
     """What the model predicts, known before it is built (methods are matched on it); "" when it
     cannot be known yet (a pipeline not on this machine): every method is then planned, and one
     that does not apply fails when its job builds the model, saying why."""
-    kind = MODELS.entry(ms.name).meta["kind"]
-    if ms.name == "diffusers":  # from the pipeline's scheduler config, without loading its weights
-        from bench.models.pipelines import pipeline_kind
+    from bench.models import model_kind
 
-        return pipeline_kind(str(ms.options.get("pipeline", "")))
-    return ms.options.get("prediction", "eps") if kind == "eps|flow" else kind
+    return model_kind(ms.name, ms.options)
 
 
 def expand(suite: Suite) -> tuple[list[Job], list[str]]:

@@ -126,6 +126,18 @@ MODELS.add(
 )
 
 
+def model_kind(name: str, options: dict[str, Any]) -> str:
+    """The prediction kind a model's options select, without building it: its registered kind, or
+    for a model registered with several (``eps|flow``), the one its options name (gmm's
+    ``prediction``; a diffusers pipeline's scheduler config, "" while the pipeline is not here)."""
+    kind = MODELS.entry(name).meta["kind"]
+    if name == "diffusers":
+        from bench.models.pipelines import pipeline_kind
+
+        return pipeline_kind(str(options.get("pipeline", "")))
+    return options.get("prediction", "eps") if "|" in kind else kind
+
+
 def build_model(name: str, **options: Any) -> ModelBundle:
     """Build a registered generative model by name with its options."""
     entry = MODELS.entry(name)

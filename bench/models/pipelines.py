@@ -35,6 +35,7 @@ from torch import nn
 
 from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
 from bench.models import ModelBundle
+from bench.models.digits_nets import image_ids, pack, unpack  # Flux's 2x2 token packing and position ids
 from bench.registry import MODELS
 
 PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -69,8 +70,6 @@ class TextConditionedNet(nn.Module):
         self.register_buffer("table", table, persistent=False)
         self.register_buffer("pooled", pooled, persistent=False)
         if family == "flux":
-            from bench.models.digits_nets import image_ids
-
             self.register_buffer("img_ids", image_ids(*latent_hw).to(table.dtype), persistent=False)
             self.register_buffer("txt_ids", torch.zeros(table.shape[1], 3, dtype=table.dtype), persistent=False)
 
@@ -91,8 +90,6 @@ class TextConditionedNet(nn.Module):
                 hidden_states=h, timestep=t, encoder_hidden_states=emb, pooled_projections=self.pooled[cond]
             ).sample
         else:
-            from bench.models.digits_nets import pack, unpack
-
             g = None if guidance is None else torch.full((len(x),), float(guidance), device=x.device, dtype=torch.float32)
             out = self.transformer(
                 hidden_states=pack(h), timestep=t.to(emb.dtype) / 1000, guidance=g, pooled_projections=self.pooled[cond],

@@ -62,26 +62,38 @@ class TeaState(BaseState):
         self.skip = False
 
 
-class TeaHeadHook(ModelHook):
-    """On the first block: the indicator, the skip decision, and (skipping) input + cached residual."""
+class _TeaHook(ModelHook):
+    """What both TeaCache hooks hold: the shared state, whether the block ends the stack, and the
+    block's diffusers metadata (read when the hook is installed)."""
 
     _is_stateful = True
 
-    def __init__(
-        self, state: StateManager, coefficients: list[float], threshold: float, n_calls: int, is_tail: bool, log: list[bool]
-    ) -> None:
+    def __init__(self, state: StateManager, is_tail: bool) -> None:
         super().__init__()
         self.state_manager = state
-        self.log = log  # per call: True when the block stack was skipped
-        self.rescale = np.poly1d(np.asarray(coefficients, dtype=np.float64))
-        self.threshold = float(threshold)
-        self.n_calls = int(n_calls)
         self.is_tail = is_tail
         self.meta: Any = None
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         self.meta = block_meta(module)
         return module
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+class TeaHeadHook(_TeaHook):
+    """On the first block: the indicator, the skip decision, and (skipping) input + cached residual."""
+
+    def __init__(
+        self, state: StateManager, coefficients: list[float], threshold: float, n_calls: int, is_tail: bool, log: list[bool]
+    ) -> None:
+        super().__init__(state, is_tail)
+        self.log = log  # per call: True when the block stack was skipped
+        self.rescale = np.poly1d(np.asarray(coefficients, dtype=np.float64))
+        self.threshold = float(threshold)
+        self.n_calls = int(n_calls)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         s: TeaState = self.state_manager.get_state()
@@ -110,25 +122,9 @@ class TeaHeadHook(ModelHook):
             s.residual = stack_residual(block_hidden_out(self.meta, out), hidden)
         return out
 
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.state_manager.reset()
-        return module
 
-
-class TeaBlockHook(ModelHook):
+class TeaBlockHook(_TeaHook):
     """On every later block: pass the hidden states through when skipping; the last block stores the residual."""
-
-    _is_stateful = True
-
-    def __init__(self, state: StateManager, is_tail: bool) -> None:
-        super().__init__()
-        self.state_manager = state
-        self.is_tail = is_tail
-        self.meta: Any = None
-
-    def initialize_hook(self, module: nn.Module) -> nn.Module:
-        self.meta = block_meta(module)
-        return module
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         s: TeaState = self.state_manager.get_state()
@@ -139,10 +135,6 @@ class TeaBlockHook(ModelHook):
             s.residual = stack_residual(block_hidden_out(self.meta, out), s.head_in)
             s.head_in = None
         return out
-
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.state_manager.reset()
-        return module
 
 
 @register_method
