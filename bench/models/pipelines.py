@@ -252,6 +252,8 @@ def diffusers_pipeline(
         if not p.is_file():
             raise PipelineError(f"prompts_file {p} not found")
         prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if isinstance(prompts, str):
+        raise PipelineError(f"prompts must be a list of strings, e.g. prompts: [{prompts!r}]; got one string")
     if not prompts or not all(isinstance(s, str) for s in prompts):
         raise PipelineError("a diffusers text-to-image model needs `prompts: [..]` (a list of strings) or `prompts_file:`")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
