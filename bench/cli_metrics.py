@@ -48,7 +48,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_ref(args: argparse.Namespace) -> int:
-    from bench.metrics import refs
+    from bench.metrics import refs  # the package: importing it registers every feature space
 
     if args.action == "list":
         for m in refs.listing():

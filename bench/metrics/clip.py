@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.metrics import MetricContext, Statistic, register_metric
+from bench.metrics.base import MetricContext, Statistic, register_metric
 from bench.metrics.formulas import clip_score_from_embeddings, pickscore_from_embeddings, rbf_mean
+from bench.metrics.refs import FeatureSpace, load, register_space, sha_file
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,21 @@ def cmmd_embeddings(images, metric: str | None = None, device: str = "cpu") -> n
     return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
+def _cmmd_network_id() -> str:
+    from bench.weights import require
+
+    return sha_file(require(CMMD_MODEL.weights))
+
+
+def _cmmd_extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
+    return cmmd_embeddings(images, device=device)
+
+
+CMMD_SPACE = register_space(
+    FeatureSpace("clip-l14-336", "L2-normalised CLIP ViT-L/14-336 image embeddings (CMMD)", _cmmd_extract, _cmmd_network_id)
+)
+
+
 @register_metric(
     "cmmd",
     higher_is_better=False,
@@ -224,15 +240,13 @@ def cmmd_embeddings(images, metric: str | None = None, device: str = "cpu") -> n
     description="CMMD (Jayasumana et al. 2024): 1000 * RBF-MMD^2 (sigma 10) of CLIP embeddings to the reference set",
 )
 def cmmd(ctx: MetricContext) -> Statistic:
-    from bench.metrics.refs import load
-
     open_clip_model(CMMD_MODEL, "cmmd")  # the weights first: their absence is the error to report
     name = ctx.refset or ctx.bundle.extra.get("refset")
     if not name:
         raise ValueError(
             "cmmd needs a reference set: add `reference_set: NAME` to the suite and run `bench ref build NAME --images DIR --features clip-l14-336`"
         )
-    ref = load(name, "clip-l14-336").feats
+    ref = load(name, CMMD_SPACE.name).feats
     if "cmmd_emb" not in ctx.cache:
         ctx.cache["cmmd_emb"] = cmmd_embeddings(ctx.samples, "cmmd", ctx.device)
     gen = ctx.cache["cmmd_emb"]

@@ -9,22 +9,32 @@ import numpy as np
 import torch
 
 from bench.data import digits
-from bench.metrics import MetricContext, Statistic, register_metric
+from bench.metrics.base import MetricContext, Statistic, register_metric
 from bench.metrics.formulas import (
     FrechetToReference,
     KernelToReference,
     fid_from_features,
-    inception_score,
+    inception_score_statistic,
     kid_from_features,
-    knn_radii,
-    manifold_hits,
+    precision_statistic,
+    recall_statistic,
 )
+from bench.metrics.refs import FeatureSpace, load, register_space, sha_file
+from bench.paths import ASSETS
 
 FEATURES = "digits-features (committed: bench/assets/digits-features.safetensors)"
 REFERENCE = "digits-train"
-K = 3  # nearest neighbours of the precision/recall manifolds (Kynkäänniemi et al. 2019)
 
-__all__ = ["fid_from_features", "kid_from_features", "features_and_probs", "reference_features", "classifier"]
+__all__ = [
+    "fid_from_features",
+    "kid_from_features",
+    "features_and_probs",
+    "reference_features",
+    "classifier",
+    "precision_statistic",
+    "recall_statistic",
+    "inception_score_statistic",
+]
 
 
 @lru_cache(maxsize=1)
@@ -64,10 +74,24 @@ def features_and_probs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return f / feature_scale(), p
 
 
+def _extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
+    if not isinstance(images, torch.Tensor):
+        raise ValueError("the digits feature space takes digits tensors (N,1,16,16) in [-1,1], not image files")
+    return features_and_probs(images)[0]
+
+
+FEATURE_SPACE = register_space(
+    FeatureSpace(
+        "digits",
+        "64-d penultimate features of the committed digits classifier",
+        _extract,
+        lambda: sha_file(ASSETS / "digits-features.safetensors"),
+    )
+)
+
+
 def reference_features(split: str = "train") -> np.ndarray:
     """Features of the real digits the teachers were trained on (the FID reference set)."""
-    from bench.metrics.refs import load
-
     return load(f"digits-{split}", "digits").feats
 
 
@@ -78,8 +102,6 @@ def _gen(ctx: MetricContext) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _ref(ctx: MetricContext):
-    from bench.metrics.refs import load
-
     return load(REFERENCE, "digits")
 
 
@@ -124,32 +146,6 @@ def class_acc(ctx: MetricContext) -> Statistic:
         raise ValueError("class_acc needs class-conditional samples (labels)")
     hit = (_gen(ctx)[1].argmax(1) == ctx.labels.numpy()).astype(np.float64)
     return Statistic(lambda idx: hit[idx].mean(), len(hit), (0.0, 1.0))
-
-
-def precision_statistic(gen: np.ndarray, ref: np.ndarray, k: int = K) -> Statistic:
-    """Precision as a mean over generated samples of 'inside the real manifold' (fixed by the
-    reference set), so its bootstrap is over samples."""
-    hit = manifold_hits(ref, knn_radii(ref, k), gen).astype(np.float64)
-    return Statistic(lambda idx: hit[idx].mean(), len(gen), (0.0, 1.0))
-
-
-def recall_statistic(gen: np.ndarray, ref: np.ndarray, k: int = K) -> Statistic:
-    """Recall: the fraction of real points inside the manifold of the generated set. A resample's
-    manifold is built from its distinct samples (a repeated point would shrink k-NN radii to 0);
-    a resample with k or fewer distinct samples has no manifold and is left out (NaN)."""
-    knn_radii(gen, k)  # the full set must have a manifold: a clear error otherwise
-
-    def stat(idx: np.ndarray) -> float:
-        g = gen[np.unique(idx)]
-        if len(g) <= k:
-            return float("nan")
-        return float(manifold_hits(g, knn_radii(g, k), ref).mean())
-
-    return Statistic(stat, len(gen), (0.0, 1.0))
-
-
-def inception_score_statistic(probs: np.ndarray) -> Statistic:
-    return Statistic(lambda idx: inception_score(probs[idx]), len(probs), (1.0, float(probs.shape[1])))
 
 
 @register_metric(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.metrics import MetricContext, Statistic, register_metric
+from bench.metrics.base import MetricContext, Statistic, register_metric
 
 if TYPE_CHECKING:
     from bench.models import ModelBundle

@@ -1,11 +1,16 @@
 """The metric formulas on features, probabilities and embeddings, free of any network: each is
-the equation of its paper, and each is tested against a value worked out by hand."""
+the equation of its paper, and each is tested against a value worked out by hand. At the end, the
+bootstrap statistics (precision, recall, Inception Score) that several feature spaces share."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from cleanfid.fid import frechet_distance, kernel_distance
+
+from bench.metrics.base import Statistic
+
+K = 3  # nearest neighbours of the precision/recall manifolds (Kynkäänniemi et al. 2019)
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
@@ -190,3 +195,32 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
     error pooled over all pixels of the set (torchmetrics' default); inf when identical."""
     mse = float(((x.double() - y.double()) ** 2).mean())
     return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
+
+
+# --- statistics shared by the feature spaces (digits, inception) ---------------------------------
+
+
+def precision_statistic(gen: np.ndarray, ref: np.ndarray, k: int = K) -> Statistic:
+    """Precision as a mean over generated samples of 'inside the real manifold' (fixed by the
+    reference set), so its bootstrap is over samples."""
+    hit = manifold_hits(ref, knn_radii(ref, k), gen).astype(np.float64)
+    return Statistic(lambda idx: hit[idx].mean(), len(gen), (0.0, 1.0))
+
+
+def recall_statistic(gen: np.ndarray, ref: np.ndarray, k: int = K) -> Statistic:
+    """Recall: the fraction of real points inside the manifold of the generated set. A resample's
+    manifold is built from its distinct samples (a repeated point would shrink k-NN radii to 0);
+    a resample with k or fewer distinct samples has no manifold and is left out (NaN)."""
+    knn_radii(gen, k)  # the full set must have a manifold: a clear error otherwise
+
+    def stat(idx: np.ndarray) -> float:
+        g = gen[np.unique(idx)]
+        if len(g) <= k:
+            return float("nan")
+        return float(manifold_hits(g, knn_radii(g, k), ref).mean())
+
+    return Statistic(stat, len(gen), (0.0, 1.0))
+
+
+def inception_score_statistic(probs: np.ndarray) -> Statistic:
+    return Statistic(lambda idx: inception_score(probs[idx]), len(probs), (1.0, float(probs.shape[1])))

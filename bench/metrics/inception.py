@@ -16,9 +16,15 @@ import numpy as np
 import torch
 from cleanfid.resize import make_resizer
 
-from bench.metrics import MetricContext, Statistic, images_uint8, register_metric
-from bench.metrics.digits import inception_score_statistic, precision_statistic, recall_statistic
-from bench.metrics.formulas import FrechetToReference, KernelToReference
+from bench.metrics.base import MetricContext, Statistic, images_uint8, register_metric
+from bench.metrics.formulas import (
+    FrechetToReference,
+    KernelToReference,
+    inception_score_statistic,
+    precision_statistic,
+    recall_statistic,
+)
+from bench.metrics.refs import FeatureSpace, load, register_space, sha_file
 
 WEIGHTS = "inception-2015-12-05"
 SPACE = "inception"
@@ -68,6 +74,21 @@ def features_probs(
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
+def _extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
+    return features_probs(images, device=device)[0]
+
+
+def _network_id() -> str:
+    from bench.weights import require
+
+    return sha_file(require(WEIGHTS))
+
+
+FEATURE_SPACE = register_space(
+    FeatureSpace(SPACE, "2048-d pool features of clean-fid's Inception (clean resize)", _extract, _network_id)
+)
+
+
 def _gen(ctx: MetricContext, metric: str) -> tuple[np.ndarray, np.ndarray]:
     if "inception" not in ctx.cache:
         ctx.cache["inception"] = features_probs(ctx.samples, network(metric), device=ctx.device)
@@ -85,8 +106,6 @@ def _refset(ctx: MetricContext, metric: str) -> str:
 
 
 def _ref(ctx: MetricContext, metric: str):
-    from bench.metrics.refs import load
-
     network(metric)  # the weights first: their absence is the error to report
     return load(_refset(ctx, metric), SPACE)
 

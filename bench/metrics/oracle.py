@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.metrics import MetricContext, Statistic, register_metric
+from bench.metrics.base import MetricContext, Statistic, register_metric
 
 
 def _mixture(ctx: MetricContext):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.metrics import MetricContext, MetricValue, centred_interval
+from bench.metrics.base import MetricContext, MetricValue, centred_interval
 from bench.registry import METRICS
 
 

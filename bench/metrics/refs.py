@@ -6,6 +6,10 @@ in a feature space (``digits``, ``inception``, ``clip-l14-336``) are computed on
 ``$BENCH_HOME/refs/NAME/SPACE.npz`` with the mean and covariance (for FID) and the features
 themselves (for KID, precision/recall and CMMD), stamped with the feature network's hash so a
 cache made with other weights is never used.
+
+Each feature space is defined by the module of its network and registered here
+(:func:`register_space`); this module imports none of them, and importing :mod:`bench.metrics`
+registers them all.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.io import WeightsError, atomic_write, write_json
-from bench.paths import ASSETS, bench_home
+from bench.paths import bench_home
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BUILTIN = {"digits-train": "train", "digits-heldout": "heldout"}
@@ -51,7 +55,9 @@ class RefStats:
     meta: dict
 
 
-def _sha_file(path: Path) -> str:
+def sha_file(path: Path) -> str:
+    """The id of a feature network: the first 16 hex digits of its weights file's SHA-256
+    (cached by path, size and modification time)."""
     return _sha_cached(str(path), path.stat().st_size, path.stat().st_mtime_ns)
 
 
@@ -62,56 +68,16 @@ def _sha_cached(path: str, size: int, mtime: int) -> str:
     return sha256_file(Path(path))[:16]
 
 
-def _digits_extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
-    from bench.metrics.digits import features_and_probs
-
-    if not isinstance(images, torch.Tensor):
-        raise ValueError("the digits feature space takes digits tensors (N,1,16,16) in [-1,1], not image files")
-    return features_and_probs(images)[0]
+SPACES: dict[str, FeatureSpace] = {}
+"""The feature spaces by name. Each feature-space module (:mod:`bench.metrics.digits`,
+:mod:`bench.metrics.inception`, :mod:`bench.metrics.clip`) registers its own on import; importing
+:mod:`bench.metrics` registers them all. This module imports none of them."""
 
 
-def _inception_extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
-    from bench.metrics.inception import features_probs
-
-    return features_probs(images, device=device)[0]
-
-
-def _inception_id() -> str:
-    from bench.weights import require
-
-    return _sha_file(require("inception-2015-12-05"))
-
-
-def _clip_extract(images: torch.Tensor | list[np.ndarray], device: str = "cpu") -> np.ndarray:
-    from bench.metrics.clip import cmmd_embeddings
-
-    return cmmd_embeddings(images, device=device)
-
-
-def _clip_id() -> str:
-    from bench.weights import require
-
-    return _sha_file(require("clip-vit-l-14-336-openai"))
-
-
-SPACES = {
-    s.name: s
-    for s in [
-        FeatureSpace(
-            "digits",
-            "64-d penultimate features of the committed digits classifier",
-            _digits_extract,
-            lambda: _sha_file(ASSETS / "digits-features.safetensors"),
-        ),
-        FeatureSpace(
-            "inception",
-            "2048-d pool features of clean-fid's Inception (clean resize)",
-            _inception_extract,
-            _inception_id,
-        ),
-        FeatureSpace("clip-l14-336", "L2-normalised CLIP ViT-L/14-336 image embeddings (CMMD)", _clip_extract, _clip_id),
-    ]
-}
+def register_space(space: FeatureSpace) -> FeatureSpace:
+    """Add ``space`` to :data:`SPACES` under its name (for the module that defines it)."""
+    SPACES[space.name] = space
+    return space
 
 
 def refs_dir() -> Path:
@@ -132,7 +98,10 @@ def _space(space: str) -> FeatureSpace:
     if space not in SPACES:
         from bench.registry import UnknownNameError
 
-        raise UnknownNameError("feature space", space, list(SPACES))
+        err = UnknownNameError("feature space", space, list(SPACES))
+        if not SPACES:  # importing the package bench.metrics registers them all
+            err.args = (f"unknown feature space {space!r}: none is registered (import bench.metrics first)",)
+        raise err
     return SPACES[space]
 
 
@@ -205,7 +174,7 @@ def _load_cached(path: str, mtime: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 def _digits_in_memory(refset: str) -> RefStats:
     from bench.data import digits
 
-    feats = _digits_extract(digits(BUILTIN[refset])[0])
+    feats = _space("digits").extract(digits(BUILTIN[refset])[0], "cpu")
     return RefStats(refset, "digits", feats, feats.mean(0), np.cov(feats, rowvar=False), {"source": "in memory"})
 
 

@@ -20,7 +20,7 @@ from bench.adapter import Knob, MethodAdapter, Sampler
 from bench.models import ModelBundle
 from bench.seeds import generators as make_generators
 from bench.seeds import noise as make_noise
-from methods.solvers.core import Frame, Grid, ODEModel
+from methods.solvers.core import Frame, Grid, ODEModel, sample_ipndm
 
 ALL_KINDS = ("eps", "v", "x0", "flow")
 VP_KINDS = ("eps", "v", "x0")
@@ -133,8 +133,6 @@ class GridSolver(MethodAdapter):
 
     def _gits_cost(self, bundle: ModelBundle, fine: Grid) -> tuple[np.ndarray, dict[str, float]]:
         """The GITS cost matrix of one calibration run, and what the run cost."""
-        from methods.solvers.ipndm import sample_ipndm
-
         start = time.perf_counter()
         sch = bundle.denoiser.schedule
         M = fine.steps

@@ -264,3 +264,18 @@ def sample_adams(
         y = y + float(tau[i + 1] - tau[i]) * sum(float(wj) * d for wj, d in zip(w, reversed(ds), strict=True))
         x = frame.to_x(y, float(grid.alpha[i + 1]))
     return x
+
+
+# iPNDM's Adams-Bashforth weights for equal steps, newest slope first (also PNDM's multistep).
+IPNDM_COEFFS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def sample_ipndm(model: ODEModel, x: torch.Tensor, grid: Grid, order: int = 4, callback: Callback | None = None) -> torch.Tensor:
+    """iPNDM over the grid: y_{i+1} = y_i + h_i sum_j c_j d_{i-j}, lower orders while warming up
+    (the adapter is :mod:`methods.solvers.ipndm`; GITS calibrates with it)."""
+    return sample_adams(model, x, grid, order, lambda tau, i, k: IPNDM_COEFFS[k], callback)

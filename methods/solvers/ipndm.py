@@ -11,24 +11,11 @@ The fixed coefficients are the exact Adams-Bashforth weights when the grid is un
 
 from __future__ import annotations
 
-import torch
-
 from bench.adapter import Knob, register_method
 from methods.solvers.base import SCHEDULE_KNOBS, GridSolver
-from methods.solvers.core import Callback, Grid, ODEModel, sample_adams
+from methods.solvers.core import IPNDM_COEFFS, sample_ipndm
 
-# Adams-Bashforth weights for equal steps, newest slope first.
-IPNDM_COEFFS = {
-    1: (1.0,),
-    2: (3 / 2, -1 / 2),
-    3: (23 / 12, -16 / 12, 5 / 12),
-    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
-}
-
-
-def sample_ipndm(model: ODEModel, x: torch.Tensor, grid: Grid, order: int = 4, callback: Callback | None = None) -> torch.Tensor:
-    """iPNDM over the grid: y_{i+1} = y_i + h_i sum_j c_j d_{i-j}, lower orders while warming up."""
-    return sample_adams(model, x, grid, order, lambda tau, i, k: IPNDM_COEFFS[k], callback)
+__all__ = ["IPNDM", "IPNDM_COEFFS", "sample_ipndm"]  # the solver function lives in core (GITS uses it too)
 
 
 @register_method

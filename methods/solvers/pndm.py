@@ -18,8 +18,7 @@ import torch
 
 from bench.adapter import Knob, register_method
 from methods.solvers.base import BUDGET_KNOB, SCHEDULE_KNOBS, GridSolver
-from methods.solvers.core import Callback, Frame, Grid, ODEModel, notify
-from methods.solvers.ipndm import IPNDM_COEFFS
+from methods.solvers.core import IPNDM_COEFFS, Callback, Frame, Grid, ODEModel, notify
 
 WARMUP = {"f": 3, "s": 1}
 PLMS_ORDER = {"f": 4, "s": 2}
