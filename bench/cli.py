@@ -24,7 +24,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for d in entries:
         name = d.pop("name")
         if args.what == "methods":
-            print(f"{name:16s} {d['family']:9s} {d['training']:10s} applies to {'/'.join(d['applies_to']):14s} {d['paper']}")
+            applies = " ".join(f"{k}={'|'.join(v)}" for k, v in d["applies_to"].items()) or "any model"
+            print(f"{name:16s} {d['family']:12s} {d['training']:11s} applies to {applies:28s} {d['paper']}")
         elif args.what == "models":
             print(f"{name:16s} {d['kind']:10s} {d['description']}")
         elif args.what == "metrics":
@@ -296,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)  # weights, ref, mmhm
     from bench.calibrate import add_parser as add_calibrate_parser
 
-    add_calibrate_parser(sub)  # calibrate
+    add_calibrate_parser(sub)  # calibrate, build
     return p
 
 

@@ -96,6 +96,11 @@ class Denoiser:
     The harness counts network forwards on ``self.net``; a guided evaluation is one forward of
     a doubled batch. A guidance-distilled network (``guidance_embedded``) instead takes the scale
     as a fourth input, ``net(x, t, cond, guidance)``, in one plain pass.
+
+    A flow-map network (``second_time``: consistency-trajectory models, MeanFlow, shortcut
+    models, students that jump) also takes the time it jumps to, ``net(x, t, cond, s=s)``; its
+    prediction at (x, t, s) is read in the network's parametrisation, and :meth:`jump` moves x from
+    t to s with it (a DDIM step: exact when the prediction is the average over [s, t]).
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class Denoiser:
         schedule: Schedule,
         null_class: int | None = None,
         guidance_embedded: bool = False,
+        second_time: bool = False,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -115,11 +121,17 @@ class Denoiser:
         self.schedule = schedule
         self.null_class = null_class
         self.guidance_embedded = guidance_embedded
+        self.second_time = second_time
 
     @property
     def kind(self) -> str:
-        """The model kind methods declare support for: 'eps', 'x0', 'v' or 'flow'."""
+        """What the network predicts: 'eps', 'x0', 'v' or 'flow'."""
         return self.prediction
+
+    @property
+    def t_data(self) -> float:
+        """The native time of clean data (sigma = 0): -1 on a VP schedule, 0 on a flow."""
+        return -1.0 if isinstance(self.schedule, VPSchedule) else 0.0
 
     def __call__(
         self,
@@ -127,18 +139,42 @@ class Denoiser:
         t: torch.Tensor | float,
         cond: torch.Tensor | None = None,
         guidance: float = 1.0,
+        s: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        extra: dict[str, torch.Tensor] = {}
+        if s is not None or self.second_time:
+            if s is None or not self.second_time:
+                raise ValueError("a second time s is given to, and only to, a flow-map network (second_time=True)")
+            s = torch.as_tensor(s, device=x.device)
+            extra["s"] = s.expand(x.shape[0]) if s.ndim == 0 else s
         if self.guidance_embedded:  # a guidance-distilled network (FLUX.1-dev) takes the scale as an input
-            return self.net(x, t, cond, guidance)
+            return self.net(x, t, cond, guidance, **extra)
         if cond is None or guidance == 1.0 or self.null_class is None:
-            return self.net(x, t, cond)
+            return self.net(x, t, cond, **extra)
         null = torch.full_like(cond, self.null_class)
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+        doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
+        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), **doubled)
         c, u = out.chunk(2)
         return u + guidance * (c - u)
+
+    def jump(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        s: torch.Tensor | float,
+        cond: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:
+        """x moved from time t to time s by the network's prediction at t (and s, for a flow-map
+        network): x_s = alpha_s x0 + sigma_s eps with (x0, eps) read from the prediction (to the
+        data end, s = ``t_data``, it is x0)."""
+        pred = self(x, t, cond, guidance, s=s if self.second_time else None)
+        x0, eps = self.x0_eps(x, t, pred)
+        a, sg = self.alpha_sigma(s, x)
+        return a * x0 + sg * eps
 
     def rows_per_sample(self, guidance: float, conditional: bool) -> int:
         """Network rows one evaluation spends per sample: 2 for a classifier-free-guided call (the

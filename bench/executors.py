@@ -17,128 +17,19 @@ import traceback
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from bench.suite import Job, Suite
+from bench.suite import Suite
+from bench.worker import ModelCache, Outcome, Task, execute, worker_outcome
 
 EXECUTORS = ("local", "ray")
-FAULT_ENV = "BENCH_FAULT_KILL"  # test hook: "<job-id prefix>:<marker file>", see _maybe_install_fault
 
 
 class ExecutorError(RuntimeError):
     """An executor that cannot start (bad settings, unreachable cluster); the message names the fix."""
-
-
-@dataclass
-class Task:
-    """One attempt at a job."""
-
-    job_id: str
-    job: Job
-    weights_hash: str
-    attempt: int = 1
-
-
-@dataclass
-class Outcome:
-    """What came back from one attempt: a row and samples, a job error, or a lost worker."""
-
-    task: Task
-    row: dict[str, Any] | None = None
-    samples: np.ndarray | None = None
-    error: str = ""
-    traceback: str = ""
-    lost_worker: bool = False
-    worker: dict[str, Any] = field(default_factory=dict)
-    wall_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.row is not None
-
-
-class ModelCache:
-    """Builds each (model, options) once per process and keeps it loaded across jobs."""
-
-    def __init__(self) -> None:
-        self._m: dict[str, Any] = {}
-
-    def get(self, job: Job) -> Any:
-        import json
-
-        from bench.models import build_model
-
-        key = json.dumps([job.model.name, job.model.options], sort_keys=True)
-        if key not in self._m:
-            self._m[key] = build_model(job.model.name, **job.model.options)
-        return self._m[key]
-
-
-def execute(models: ModelCache, task: Task, suite: Suite, device: str) -> tuple[dict[str, Any], np.ndarray]:
-    """Run one job on this worker (``run_job`` does the sampling, accounting and timing)."""
-    from bench.runner import run_job
-
-    bundle = models.get(task.job)
-    if device != "cpu":
-        bundle.denoiser.net.to(device)  # once per model in practice: a no-op when already there
-    if bundle.weights_hash != task.weights_hash:
-        raise RuntimeError(
-            f"{task.job.model.label} weights on this node hash to {bundle.weights_hash}, the driver's to "
-            f"{task.weights_hash}; give every node the same weights files"
-        )
-    with _maybe_install_fault(task, bundle):
-        row, samples = run_job(task.job, bundle, suite, device)
-    return row, samples.numpy()
-
-
-class _maybe_install_fault:
-    """Test hook: when ``$BENCH_FAULT_KILL`` is ``<job-id prefix>:<marker>`` and the marker file
-    does not exist yet, create it and kill this worker process at the job's second network
-    forward (mid-job). The marker makes it happen once, so a retry succeeds."""
-
-    def __init__(self, task: Task, bundle: Any) -> None:
-        self.handle = None
-        spec = os.environ.get(FAULT_ENV, "")
-        prefix, _, marker = spec.partition(":")
-        if not prefix or not marker or not task.job_id.startswith(prefix):
-            return
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.write(fd, f"{task.job_id} attempt {task.attempt} pid {os.getpid()}\n".encode())
-        os.close(fd)
-        calls = [0]
-
-        def die(module: torch.nn.Module, args: tuple) -> None:
-            calls[0] += 1
-            if calls[0] >= 2:
-                os._exit(17)
-
-        self.handle = bundle.denoiser.net.register_forward_pre_hook(die)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-
-
-def _worker_outcome(task: Task, fn: Any, info: dict[str, Any]) -> Outcome:
-    t0 = time.perf_counter()
-    try:
-        row, samples = fn()
-        return Outcome(task, row=row, samples=samples, worker=info, wall_s=time.perf_counter() - t0)
-    except Exception as e:
-        return Outcome(
-            task, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(), worker=info, wall_s=time.perf_counter() - t0
-        )
 
 
 class Executor:
@@ -193,6 +84,7 @@ class LocalExecutor(Executor):
             torch.set_num_threads(threads)
         self.device = device
         self.workers = 1
+        self.progress = False  # a build's own progress bar (the driver sets it when it shows progress)
         self.models = ModelCache()
         self._queue: deque[tuple[Task, Suite]] = deque()
         self.info = {
@@ -214,7 +106,7 @@ class LocalExecutor(Executor):
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
         task, suite = self._queue.popleft()  # runs here and now: the timeout does not apply
-        return [_worker_outcome(task, lambda: execute(self.models, task, suite, self.device), self.info)]
+        return [worker_outcome(task, lambda: execute(self.models, task, suite, self.device, self.progress), self.info)]
 
     def close(self) -> None:
         if self._blas is not None:
@@ -248,7 +140,7 @@ class RayWorker:
         return self.info
 
     def run(self, task: Task, suite: Suite) -> Outcome:
-        return _worker_outcome(task, lambda: execute(self.models, task, suite, self.device), self.info)
+        return worker_outcome(task, lambda: execute(self.models, task, suite, self.device), self.info)
 
 
 @contextmanager

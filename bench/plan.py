@@ -1,10 +1,16 @@
 """``bench plan``: a suite's jobs and what they will cost, before anything runs.
 
-NFE comes from a probe: each training-free job's sampler is run on one sample with the
-harness's forward counter (the same count ``run_job`` reports). Time comes from a probe per
-model: the median wall time of one network call on a small batch (with and without the
-classifier-free-guidance doubling), scaled to the suite's batch size. Network calls per job = NFE x (batches + warm-up
-batches); the estimate covers sampling only, not metrics or training.
+NFE comes from a probe: each job's prepared sampler is run on one sample with the harness's
+forward counter on the prepared denoiser (the same count ``run_job`` reports); a job whose
+artifacts are not built yet is not probed (its NFE is its step count, marked ~). Time comes from
+a probe per model: the median wall time of one network call on a small batch (with and without
+the classifier-free-guidance doubling), scaled to the suite's batch size. Network calls per job =
+NFE x (batches + warm-up batches).
+
+Artifacts: every artifact the jobs need, whether the artifact store holds it, and for a missing
+one an estimate of its build from its declared budget: teacher rows x the probed seconds per
+network row, plus optimiser steps x batch x 3 (forward and backward) x the same per-row seconds
+(a student the teacher's size). Metrics are not included.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from typing import Any
 import torch
 
 from bench.accounting import ForwardCounter, sync
-from bench.executors import ModelCache
+from bench.artifacts import ArtifactStore, default_artifact_store, load_all, plan_order
 from bench.registry import METHODS
 from bench.runner import plan_jobs
 from bench.seeds import generators, noise
 from bench.store import JobStore
 from bench.suite import Job, Suite, expand
+from bench.worker import ModelCache
 
 
 def _cfg_rows(job: Job, bundle: Any) -> int:
@@ -43,18 +50,20 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def probe_nfe(job: Job, bundle: Any, device: str) -> float:
-    """Network evaluations per sample of ``job``'s sampler, counted on one sample.
+def probe_nfe(job: Job, bundle: Any, device: str, artifacts: dict[str, Any] | None = None) -> float:
+    """Network evaluations per sample of ``job``'s prepared sampler, counted on one sample on the
+    denoiser it calls (its ``artifacts`` must be built).
 
     At one torch thread: a batch of one gains nothing from more, and on busy cores a
     multi-threaded small op can wait far longer for its threads than it computes."""
-    sampler = METHODS.get(job.method)(**dict(job.knobs)).prepare(bundle, job.steps)
+    prepared = METHODS.get(job.method)(**dict(job.knobs)).prepare(bundle, job.steps, artifacts or {}, job.guidance)
     gens = generators(job.seed, [0], device)
     z = noise(gens, bundle.sample_shape, bundle.dtype, device)
     cond = torch.zeros(1, dtype=torch.long, device=device) if bundle.num_classes is not None else None
-    with ForwardCounter(bundle.denoiser.net) as counter, torch.no_grad(), _torch_threads(1):
-        sampler(z, cond, job.guidance, gens)
-    return counter.rows / _cfg_rows(job, bundle)
+    den = prepared.denoiser
+    with ForwardCounter(den.net) as counter, torch.no_grad(), _torch_threads(1):
+        prepared(z, cond, job.guidance, gens)
+    return counter.rows / den.rows_per_sample(job.guidance, bundle.num_classes is not None)
 
 
 def probe_call_seconds(bundle: Any, batch: int, guided: bool, device: str, repeats: int = 2, probe_batch: int = 16) -> float:
@@ -87,6 +96,7 @@ def plan_suite(
     workers: int = 1,
     executor: str = "local",
     threads: int | None = None,
+    artifact_store: ArtifactStore | None = None,
 ) -> dict[str, Any]:
     """The jobs of ``suite`` with NFE, network calls, estimated seconds and whether the job store
     already holds them (for a run on ``executor`` with ``threads`` per worker); totals for
@@ -97,6 +107,7 @@ def plan_suite(
     n_threads = threads or (1 if executor == "ray" else torch.get_num_threads())
     planned, duplicates = plan_jobs(suite, jobs, dev, n_threads, models)
     store = JobStore(store_dir) if store_dir is not None else None
+    arts = artifact_store or default_artifact_store()
     call_s: dict[tuple[str, bool], float] = {}
     rows, t_probe = [], time.perf_counter()
     for p in planned:
@@ -109,10 +120,13 @@ def plan_suite(
         bs = min(job.batch_size, job.n_samples)
         batches = math.ceil(job.n_samples / job.batch_size) + suite.warmup
         nfe, source = float(job.steps), "steps (not probed)"
-        if probe and cls.training == "free":
-            nfe, source = probe_nfe(job, bundle, dev), "probe"
+        missing = [s for s in plan_order(list(p.artifacts)) if arts.get(s.key) is None]
+        if p.plan_error:
+            source = f"steps (not probed: {p.plan_error})"
+        elif probe and not missing:
+            nfe, source = probe_nfe(job, bundle, dev, load_all(list(p.artifacts), arts)), "probe"
         elif probe:
-            source = f"steps (not probed: {cls.training} method trains in prepare)"
+            source = "steps (not probed: its artifacts are not built yet)"
         est_s = None
         if probe:
             key = (job.model.label, cfg == 2)
@@ -137,11 +151,45 @@ def plan_suite(
                 "network_rows": round(nfe * cfg * (job.n_samples + suite.warmup * bs)),
                 "est_s": est_s,
                 "cached": cached,
+                "artifacts": p.artifact_keys,
+                "planned_as": "reference" if p.for_baseline else "grid",
+            }
+        )
+    artifacts = []
+    for spec in plan_order([s for p in planned for s in p.artifacts]):
+        found = arts.get(spec.key)
+        job = next(p.job for p in planned if spec.key in p.artifact_keys)
+        bundle = models.get(job)
+        est = None
+        if found is None and probe:
+            with _torch_threads(n_threads):
+                row_s = probe_call_seconds(bundle, 16, False, dev) / 16
+            b = spec.budget
+            est = (
+                float(b.get("teacher_rows", 0)) * row_s
+                + float(b.get("optimizer_steps", 0)) * float(b.get("batch_size", 0)) * 3 * row_s
+            )
+        artifacts.append(
+            {
+                "key": spec.key,
+                "label": spec.label,
+                "method": spec.method,
+                "name": spec.name,
+                "model": job.model.label,
+                "parents": [q.key for q in spec.parents],
+                "exists": found is not None,
+                "budget": dict(spec.budget),
+                "est_s": est,
+                "cost": found.chain_cost if found is not None else None,
             }
         )
     todo = [r for r in rows if not r["cached"]]
     est = [r["est_s"] for r in todo if r["est_s"] is not None]
+    build_est = [a["est_s"] for a in artifacts if not a["exists"] and a["est_s"] is not None]
     return {
+        "artifacts": artifacts,
+        "artifacts_to_build": sum(1 for a in artifacts if not a["exists"]),
+        "build_est_s": sum(build_est) if probe else None,
         "suite": suite.name,
         "source": suite.source,
         "device": dev,
@@ -192,4 +240,20 @@ def format_plan(plan: dict[str, Any]) -> str:
             lines.append(f"  probe: one network call of {k} at the suite's batch size: {1e3 * v:.2f} ms")
     if any(r["nfe_source"] != "probe" for r in plan["jobs"]):
         lines.append("NFE marked ~ is the step count, not a probe")
+    if plan.get("artifacts"):
+        lines.append("")
+        lines.append(
+            f"artifacts ({len(plan['artifacts'])}; {plan['artifacts_to_build']} to build before the jobs that need them):"
+        )
+        for a in plan["artifacts"]:
+            b = a["budget"]
+            budget = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in b.items()) or "-"
+            if a["exists"]:
+                c = a["cost"] or {}
+                state = f"built (cost on record: {c.get('wall_s', 0):.1f} s, {c.get('optimizer_steps', 0)} steps, {c.get('teacher_rows', 0):,} teacher rows)"
+            else:
+                state = "to build" + (f", estimated {a['est_s']:.0f} s" if a["est_s"] is not None else "")
+            lines.append(f"  {a['key'][:12]}  {a['method']}:{a['name']} on {a['model']}  budget: {budget}  {state}")
+        if plan.get("build_est_s") is not None and plan["artifacts_to_build"]:
+            lines.append(f"estimated build time: {plan['build_est_s']:.0f} s (from the probed seconds per network row)")
     return "\n".join(lines)

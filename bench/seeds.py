@@ -22,3 +22,11 @@ def noise(
     """One initial-noise draw per generator, stacked; each generator then continues for the
     sampler's own stochastic steps (as EDM's StackedRandomGenerator)."""
     return torch.stack([torch.randn(shape, generator=g, dtype=dtype, device=device) for g in gens])
+
+
+def noise_like(x: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """One standard-normal draw per sample from that sample's own generator (batch-size invariant):
+    the noise a stochastic sampler adds after the initial draw."""
+    if generators is None or len(generators) != x.shape[0]:
+        raise ValueError("a stochastic sampler needs one torch.Generator per sample (the harness passes them)")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generators])

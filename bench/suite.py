@@ -7,7 +7,6 @@ Only registered names are ever looked up: a suite cannot make bench import or ru
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -17,10 +16,12 @@ from typing import Any
 import yaml
 
 from bench.adapter import KnobError
+from bench.codeversion import code_version
 from bench.paths import REPO
 from bench.registry import METHODS, METRICS, MODELS, SUITES, UnknownNameError
 
 SUITE_DIR = REPO / "suites"
+TRAINED_CLASSES = ("finetune", "full")  # methods whose students could memorise the training data
 KEYS = {
     "name": "suite name (defaults to the file name)",
     "description": "free text",
@@ -30,14 +31,16 @@ KEYS = {
     "batch_size": "int, samples per sampler call",
     "bootstrap": "int, bootstrap resamples for confidence intervals",
     "models": "list of model names or {name, options}",
-    "methods": "list of method names or {name, knobs: {knob: [values]}}",
+    "methods": "list of method names or {name, knobs: {knob: [values]}, steps: [ints] (default: the suite's steps)}",
     "steps": "list of ints",
     "guidance": "list of floats (1.0 = no classifier-free guidance)",
     "metrics": "list of metric names",
     "optional_metrics": "list of metric names recorded as missing (not failed) when they cannot run",
     "timing": "{warmup: int}",
     "executor": "local or ray (bench run --executor overrides it)",
-    "reference_set": "name of the real-image reference set of fid_inception/kid_inception/cmmd (see `bench ref list`)",
+    "reference_set": "reference set of the set metrics: digits-train or digits-heldout for fid/kid/precision/recall on "
+    "digits (default digits-train; digits-heldout when the suite has a trained method), or the real-image set of "
+    "fid_inception/kid_inception/cmmd (see `bench ref list`)",
     "reference": "{method, steps, guidance[, knobs][, model]} or a list of them: the reference configuration for "
     "speedup at matched quality in reports (default: the highest-NFE training-free solver)",
 }
@@ -76,6 +79,7 @@ def _short(v: Any) -> str:
 class MethodSpec:
     name: str
     knob_grid: dict[str, list[Any]] = field(default_factory=dict)
+    steps: list[int] | None = None  # this method's step counts (None: the suite's)
 
 
 @dataclass
@@ -101,7 +105,20 @@ class Suite:
     def resolved(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("raw")
+        d["reference_set"] = self.reference_set
         return d
+
+    @property
+    def reference_set(self) -> str | None:
+        """The reference set of the set metrics (FID, KID, precision, recall): the suite's
+        ``reference_set``, else ``digits-heldout`` for a suite with a trained method (a student can
+        memorise the teachers' training digits, which a training-set reference would reward), else
+        None (the metrics' own default, the training digits)."""
+        explicit = self.raw.get("reference_set")
+        if explicit:
+            return str(explicit)
+        trained = any(METHODS.entry(m.name).meta["training"] in TRAINED_CLASSES for m in self.methods)
+        return "digits-heldout" if trained else None
 
 
 @dataclass(frozen=True)
@@ -139,12 +156,8 @@ class Job:
 
 @cache
 def method_code_hash(name: str) -> str:
-    """Version of a method's code: the source of its adapter's files in ``methods/``."""
-    files = sorted({inspect.getsourcefile(c) for c in METHODS.get(name).__mro__ if c.__module__.startswith("methods")})
-    h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
-    return h.hexdigest()[:12]
+    """Version of a method's code: every project file its module imports, transitively (:mod:`bench.codeversion`)."""
+    return code_version(METHODS.get(name).__module__)
 
 
 def suite_path(name_or_path: str | Path) -> Path:
@@ -263,8 +276,19 @@ def load_suite(name_or_path: str | Path) -> Suite:
             (m, {}) if isinstance(m, str) else (m.get("name"), m.get("knobs") or {}) if isinstance(m, dict) else (None, {})
         )
         if not isinstance(name, str):
-            problems.append(f"{where}: expected a method name or {{name, knobs}}, got {m!r}")
+            problems.append(f"{where}: expected a method name or {{name, knobs, steps}}, got {m!r}")
             continue
+        own_steps = m.get("steps") if isinstance(m, dict) else None
+        if isinstance(m, dict):
+            bad_keys = sorted(set(m) - {"name", "knobs", "steps"})
+            if bad_keys:
+                problems.append(f"{where}.{bad_keys[0]}: unknown key; a method entry takes name, knobs, steps")
+                continue
+        if own_steps is not None:
+            own_steps = own_steps if isinstance(own_steps, list) else [own_steps]
+            if not own_steps or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in own_steps):
+                problems.append(f"{where}.steps: expected a non-empty list of ints >= 1, got {own_steps!r}")
+                continue
         try:
             cls = METHODS.get(name)
         except UnknownNameError as e:
@@ -283,7 +307,7 @@ def load_suite(name_or_path: str | Path) -> Suite:
                     problems.append(f"{where}.knobs.{k}[{j}]: {e}")
                     ok = False
         if ok:
-            methods.append(MethodSpec(name, grid))
+            methods.append(MethodSpec(name, grid, own_steps))
     if not raw.get("methods"):
         problems.append("methods: missing or empty; fix: list methods (see `bench list methods`)")
 
@@ -373,19 +397,22 @@ def _cross_checks(suite: Suite) -> list[str]:
                         f"({ms.label}) makes {meta['data']} data; split the suite by data kind"
                     )
     for i, m in enumerate(suite.methods):
-        kinds = set(METHODS.entry(m.name).meta["applies_to"])
-        if suite.models and not any(_model_kind(ms) in kinds | {""} for ms in suite.models):
-            problems.append(f"methods[{i}]: {m.name!r} applies to {sorted(kinds)} models and no model of this suite is one")
+        cls = METHODS.get(m.name)
+        known = [c for c in (model_capabilities(ms) for ms in suite.models) if c is not None]
+        if suite.models and len(known) == len(suite.models) and not any(cls.applies_to.matches(c) for c in known):
+            problems.append(
+                f"methods[{i}]: {m.name!r} applies to {cls.applies_to.text()} models and no model of this suite is one"
+            )
     return problems
 
 
-def _model_kind(ms: ModelSpec) -> str:
-    """What the model predicts, known before it is built (methods are matched on it); "" when it
-    cannot be known yet (a pipeline not on this machine): every method is then planned, and one
-    that does not apply fails when its job builds the model, saying why."""
-    from bench.models import model_kind
+def model_capabilities(ms: ModelSpec) -> Any:
+    """What a model is, known before it is built (methods are matched on it); None when it cannot
+    be known yet (a pipeline not on this machine): every method is then planned, and one that does
+    not apply fails when its job builds the model, saying why."""
+    from bench.models import model_capabilities as caps
 
-    return model_kind(ms.name, ms.options)
+    return caps(ms.name, ms.options)
 
 
 def expand(suite: Suite) -> tuple[list[Job], list[str]]:
@@ -394,18 +421,27 @@ def expand(suite: Suite) -> tuple[list[Job], list[str]]:
 
     jobs, skipped = [], []
     for ms in suite.models:
-        kind = _model_kind(ms)
+        caps = model_capabilities(ms)
         for m in suite.methods:
-            applies = METHODS.entry(m.name).meta["applies_to"]
-            if kind and kind not in applies:
-                skipped.append(f"{m.name} x {ms.label}: {m.name} applies to {'/'.join(applies)}, {ms.label} predicts {kind}")
+            cls = METHODS.get(m.name)
+            bad = cls.applies_to.mismatches(caps) if caps is not None else []
+            if bad:
+                skipped.append(
+                    f"{m.name} x {ms.label}: {m.name} applies to {cls.applies_to.text()}; {ms.label} has {'; '.join(bad)}"
+                )
                 continue
+            steps = m.steps if m.steps is not None else suite.steps
+            native = cls.steps_supported
+            if native is not None and any(n not in native for n in steps):
+                dropped = [n for n in steps if n not in native]
+                skipped.append(f"{m.name} x {ms.label} at {dropped} steps: {m.name} runs at {'/'.join(map(str, native))} steps")
+                steps = [n for n in steps if n in native]
             names = sorted(m.knob_grid)
             for values in itertools.product(*(m.knob_grid[k] for k in names)):
-                knobs = tuple(sorted(METHODS.get(m.name).resolve_knobs(dict(zip(names, values, strict=True))).items()))
-                for steps in suite.steps:
+                knobs = tuple(sorted(cls.resolve_knobs(dict(zip(names, values, strict=True))).items()))
+                for n in steps:
                     for g in suite.guidance:
-                        jobs.append(Job(ms, m.name, knobs, steps, g, suite.seed, suite.n_samples, suite.batch_size))
+                        jobs.append(Job(ms, m.name, knobs, n, g, suite.seed, suite.n_samples, suite.batch_size))
     return jobs, skipped
 
 

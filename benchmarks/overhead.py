@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.accounting import median_iqr  # noqa: E402
 from bench.registry import METHODS  # noqa: E402
-from bench.runner import run_job  # noqa: E402
 from bench.seeds import generators, noise  # noqa: E402
 from bench.suite import Job, ModelSpec, Suite  # noqa: E402
+from bench.worker import run_job  # noqa: E402
 
 
 def digits_bundle():

@@ -4,7 +4,7 @@ from helpers import job, random_bundle, tiny_suite
 from torch import nn
 
 from bench.models import build_model
-from bench.runner import run_job
+from bench.worker import run_job
 
 
 class CountingWrapper(nn.Module):

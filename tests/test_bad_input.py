@@ -4,7 +4,7 @@ from helpers import job, random_bundle, tiny_suite
 
 from bench.io import WeightsError, load_weights, save_weights
 from bench.models.digits_nets import DigitsClassifier
-from bench.runner import NonFiniteSamples, run_job
+from bench.worker import NonFiniteSamples, run_job
 
 
 def test_corrupt_weights_name_file_and_fix(tmp_path):

@@ -15,8 +15,9 @@ from bench.accounting import UNIT_COLUMNS, cache_units, units_of
 from bench.registry import METHODS
 from bench.report.cache_speedups import cache_speedups, cache_speedups_markdown
 from bench.report.matched import ReferenceSpec
-from bench.runner import run_job, run_suite
+from bench.runner import run_suite
 from bench.suite import load_suite
+from bench.worker import run_job
 
 SUITE = """
 n_samples: 2

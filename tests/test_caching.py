@@ -76,7 +76,7 @@ def test_no_state_leaks_between_jobs(bundles, method, kind, off, on):
 def test_unknown_solver_and_wrong_model_fail_clearly(bundles):
     with pytest.raises(ValueError, match="not a solver"):
         METHODS.get("fora")(solver="deepcache").prepare(bundles["flow"], 4)
-    with pytest.raises(ValueError, match="applies to eps/v/x0"):
+    with pytest.raises(ValueError, match="applies to arch=unet"):
         METHODS.get("deepcache")(interval=2, solver="euler").prepare(bundles["flow"], 4)
     with pytest.raises(ValueError, match="diffusers UNets"):
         deep_blocks(target_model(bundles["flow"].denoiser.net), 0)

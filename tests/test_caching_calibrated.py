@@ -268,22 +268,18 @@ def test_calibration_records_the_pairs_and_ratios_by_hand(tiny_flux):
 def test_calibration_built_once_reused_and_its_cost_recorded(flow_bundle, bench_home, capsys):
     b = flow_bundle
     ad = METHODS.get("teacache")(**CALIB)
-    assert ad.train_cost() == {"wall_s": 0.0, "optimizer_steps": 0, "teacher_evals": 0}
     cal = ad.calibrate(b, STEPS)
     assert cal.artifact.built and cal.artifact.path.parent == bench_home / "artifacts"
-    meta = cal.artifact.meta
-    assert meta["spec"]["method"] == "teacache" and meta["spec"]["steps"] == STEPS and meta["spec"]["solver"] == "euler"
-    assert meta["train_cost"]["teacher_evals"] == STEPS * CALIB["calib_samples"] and meta["train_cost"]["wall_s"] > 0
+    rec = cal.artifact.record
+    assert rec["method"] == "teacache" and rec["params"]["steps"] == STEPS and rec["params"]["solver"] == "euler"
+    cost = cal.artifact.cost  # counted by the harness on the teacher network: STEPS guided calls of calib_samples rows x 2
+    assert cost["teacher_calls"] == STEPS and cost["teacher_rows"] == STEPS * CALIB["calib_samples"] * 2 and cost["wall_s"] > 0
     data = json.loads((cal.artifact.path / "calibration.json").read_text())
     assert data["n_calls"] == STEPS and len(data["coefficients"]) == 5 and len(data["x"]) == STEPS - 1
     again = METHODS.get("teacache")(**CALIB)
-    again.prepare(b, STEPS)  # the adapter's prepare gets the same artifact: not rebuilt
+    prepared = again.prepare(b, STEPS)  # the adapter's prepare gets the same artifact: not rebuilt
     assert again.calibration.artifact.built is False and again.calibration.artifact.path == cal.artifact.path
-    assert (
-        again.train_cost()
-        == ad.train_cost()
-        == {k: meta["train_cost"][k] for k in ("wall_s", "optimizer_steps", "teacher_evals")}
-    )
+    assert [a.key for a in prepared.artifacts] == [cal.artifact.key] and prepared.artifacts[0].cost == cost
     assert METHODS.get("teacache")(threshold=0.7, **CALIB).calibrate(b, STEPS).artifact.built is False  # threshold not in spec
     assert METHODS.get("teacache")(calib_samples=3).calibrate(b, STEPS).artifact.built  # a calibration knob is
     assert METHODS.get("magcache")(**CALIB).calibrate(b, STEPS).artifact.path != cal.artifact.path
@@ -292,18 +288,19 @@ def test_calibration_built_once_reused_and_its_cost_recorded(flow_bundle, bench_
 
 def test_bench_calibrate_cli(bench_home, capsys):
     assert main(["calibrate", "magcache", "--model", "digits-dit", "--steps", "3", "--knob", "calib_samples=2", "--json"]) == 0
-    first = json.loads(capsys.readouterr().out)
-    assert first["built"] is True and first["train_cost"]["teacher_evals"] == 6 and first["train_cost"]["wall_s"] > 0
+    (first,) = json.loads(capsys.readouterr().out)["artifacts"]
+    assert first["built"] is True and first["cost"]["teacher_rows"] == 3 * 2 * 2 and first["cost"]["wall_s"] > 0
     assert first["path"].startswith(str(bench_home))
     assert main(["calibrate", "magcache", "--model", "digits-dit", "--steps", "3", "--knob", "calib_samples=2"]) == 0
     text = capsys.readouterr().out
-    assert "found (already built)" in text and first["path"] in text and "6 teacher evaluations" in text
+    assert "found (already built)" in text and first["path"] in text and "12 teacher network rows" in text
     ad, _ = calibrate("magcache", "digits-dit", 3, knobs={"calib_samples": 2})
+    ad.prepare(build_model("digits-dit"), 3)
     assert str(ad.calibration.artifact.path) == first["path"]
 
 
 def test_bad_input_fails_clearly(flow_bundle):
-    with pytest.raises(SystemExit, match="no calibration step; methods that calibrate: .*teacache"):
+    with pytest.raises(SystemExit, match="builds no artifact with these knobs; methods that train or calibrate: .*teacache"):
         main(["calibrate", "euler", "--model", "digits-dit"])
     assert main(["calibrate", "teacahce", "--model", "digits-dit"]) == 2  # unknown name: closest names printed
     with pytest.raises(SystemExit, match="calib_samples"):
@@ -314,5 +311,5 @@ def test_bad_input_fails_clearly(flow_bundle):
         METHODS.get("teacache")(solver="fora", **CALIB).prepare(flow_bundle, STEPS)
     with pytest.raises(ValueError, match="call prepare"):
         METHODS.get("magcache")().apply(target_model(flow_bundle.denoiser.net), STEPS)
-    with pytest.raises(ValueError, match="applies to flow"):
+    with pytest.raises(ValueError, match="applies to arch=dit"):
         METHODS.get("teacache")().prepare(random_bundle("eps"), STEPS)

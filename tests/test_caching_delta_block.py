@@ -14,9 +14,9 @@ from helpers import assert_model_clean, dict_state, inputs, random_bundle, tiny_
 import methods.caching  # noqa: F401  (registers the caches)
 import methods.solvers  # noqa: F401
 from bench.accounting import UnitCounter
+from bench.artifacts import default_artifact_store
 from bench.models import build_model
 from bench.registry import METHODS
-from bench.store import default_artifact_store
 from methods.caching.base import block_lists, target_model
 from methods.caching.block_caching import build_schedule
 from methods.caching.delta_dit import schedule
@@ -222,34 +222,34 @@ def test_block_caching_runs_its_schedule(flow):
 
 def test_block_caching_artifact_is_built_once_and_its_cost_recorded(flow, home):
     b = flow
-    first = METHODS.get("block_caching")(threshold=0.3).calibrate(b, STEPS)
-    assert first["built"] and first["calibration_wall_s"] > 0 and first["teacher_evals"] == STEPS * 8
-    again = METHODS.get("block_caching")(threshold=0.3)
-    second = again.calibrate(b, STEPS)
-    assert not second["built"] and second["path"] == first["path"]
-    assert again.train_cost()["wall_s"] == pytest.approx(first["calibration_wall_s"])
-    spec = json.loads((home / "artifacts" / first["path"].split("/")[-1] / "artifact.json").read_text())["spec"]
-    assert {"method", "model", "weights", "steps", "solver", "threshold"} <= set(spec)
-    assert spec["weights"].startswith("params-")  # random weights: identified by a hash of the parameters
-    # another threshold: a new schedule from the same (not re-run) calibration
-    other = METHODS.get("block_caching")(threshold=0.6).calibrate(b, STEPS)
-    assert other["built"] and other["calibration_wall_s"] == first["calibration_wall_s"]
-    metas = [json.loads(p.read_text()) for p in (home / "artifacts").glob("*/artifact.json")]
-    assert sorted(m["spec"]["artifact"] for m in metas) == ["change_table", "schedule", "schedule"]
+    ad = METHODS.get("block_caching")(threshold=0.3)
+    (art,) = ad.prepare(b, STEPS).artifacts
+    # the harness counted the calibration run's teacher forwards: STEPS calls of 8 guided samples (2 rows each)
+    assert art.built and art.cost["wall_s"] > 0 and art.cost["teacher_calls"] == STEPS
+    assert art.cost["teacher_rows"] == STEPS * 8 * 2 and art.chain_cost["wall_s"] == art.cost["wall_s"]
+    again = METHODS.get("block_caching")(threshold=0.3).prepare(b, STEPS)
+    assert not again.artifacts[0].built and again.artifacts[0].path == art.path
+    rec = json.loads((art.path / "artifact.json").read_text())
+    assert rec["method"] == "block_caching" and rec["name"] == "change-table"
+    assert {"steps", "solver", "net", "calib_guidance"} <= set(rec["params"]) and "threshold" not in rec["params"]
+    assert rec["params"]["net"].startswith("params-")  # random weights: identified by a hash of the parameters
+    # another threshold: a new schedule from the same (not re-run) change table
+    other = METHODS.get("block_caching")(threshold=0.6)
+    (o,) = other.prepare(b, STEPS).artifacts
+    assert o.key == art.key and not o.built and other.schedule.sum() <= ad.schedule.sum()
+    assert len(list((home / "artifacts").glob("*/artifact.json"))) == 1
     assert default_artifact_store().root == home / "artifacts"
-    # the adapter's training class and what the runner records from it
     assert METHODS.get("block_caching").training == "calibration"
 
 
-def test_bench_calibrate_builds_the_block_caching_schedule_once(home):
-    cal = pytest.importorskip("bench.calibrate")
-    assert "block_caching" in cal.calibrated_methods()
-    ad, res = cal.calibrate("block_caching", "digits-dit", steps=4, knobs={"threshold": 0.3})
-    path, built = cal.artifact_location(res)
-    assert built and path.parent == home / "artifacts" and (path / "schedule.npy").is_file()
-    assert ad.train_cost()["teacher_evals"] == 4 * 8
+def test_bench_calibrate_builds_the_block_caching_table_once(home):
+    from bench import calibrate as cal
+
+    assert "block_caching" in cal.methods_with_artifacts()
+    ad, (a,) = cal.calibrate("block_caching", "digits-dit", steps=4, knobs={"threshold": 0.3})
+    assert a.built and a.path.parent == home / "artifacts" and (a.path / "change.npy").is_file()
+    assert a.cost["teacher_calls"] == 4 and a.cost["teacher_rows"] == 4 * 8 * 2
     # a suite job with the same spec finds it: prepare does not calibrate again
-    again = METHODS.get("block_caching")(threshold=0.3)
-    again.prepare(build_model("digits-dit"), 4)
-    assert again.train_cost() == ad.train_cost()
-    assert len(list((home / "artifacts").glob("*/artifact.json"))) == 2  # the change table and this schedule
+    again = METHODS.get("block_caching")(threshold=0.3).prepare(build_model("digits-dit"), 4)
+    assert again.artifacts[0].key == a.key and not again.artifacts[0].built
+    assert len(list((home / "artifacts").glob("*/artifact.json"))) == 1

@@ -100,7 +100,7 @@ def test_on_digits_dit(method, off, on):
 def test_bad_knobs_fail_clearly(bundle):
     with pytest.raises(ValueError, match="lower Fn or Bn"):
         METHODS.get("dbcache")(Fn=3, Bn=3).prepare(bundle, 4)
-    with pytest.raises(ValueError, match="applies to flow"):
+    with pytest.raises(ValueError, match="applies to arch=dit"):
         METHODS.get("toca")().prepare(random_bundle("eps"), 4)
 
 

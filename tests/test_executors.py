@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-import bench.runner
+import bench.worker
 from bench.cli import main
 from bench.executors import ExecutorError, make_executor
 from bench.runner import plan_jobs, read_executions, run_suite
@@ -95,14 +95,14 @@ def test_rows_record_where_and_how_a_job_ran(tmp_path):
 
 def test_a_job_that_raises_is_recorded_failed_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     path = suite_file(tmp_path)
-    real = bench.runner.run_job
+    real = bench.worker.run_job
 
-    def flaky(job, bundle, suite, device="cpu"):
+    def flaky(job, bundle, suite, device="cpu", **kw):
         if job.method == "euler" and job.steps == 6:
             raise ValueError("boom in the sampler")
-        return real(job, bundle, suite, device)
+        return real(job, bundle, suite, device, **kw)
 
-    monkeypatch.setattr(bench.runner, "run_job", flaky)
+    monkeypatch.setattr(bench.worker, "run_job", flaky)
     assert main(["run", str(path), "--results", str(tmp_path / "res"), "--run-id", "f", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "FAILED gmm[dim=2] euler 6 steps" in out and "boom in the sampler" in out
@@ -114,7 +114,7 @@ def test_a_job_that_raises_is_recorded_failed_and_the_sweep_goes_on(tmp_path, mo
     record = json.loads((run / "run.json").read_text())
     assert [f["method"] for f in record["failed_jobs"]] == ["euler"] and record["jobs"] == {"total": 4, "failed": 1}
     # resuming retries the failed job only; the finished ones are left alone
-    monkeypatch.setattr(bench.runner, "run_job", real)
+    monkeypatch.setattr(bench.worker, "run_job", real)
     before = {p: p.stat().st_mtime_ns for p in run.glob("jobs/*/row.json") if json.loads(p.read_text())["status"] == "ok"}
     assert main(["run", str(path), "--results", str(tmp_path / "res"), "--resume", "f", "--no-progress"]) == 0
     assert before == {p: p.stat().st_mtime_ns for p in before}

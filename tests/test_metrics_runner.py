@@ -16,8 +16,9 @@ from bench import accounting, weights
 from bench.accounting import peak_memory_bytes, reset_peak_memory
 from bench.cli import main
 from bench.data import digits
-from bench.runner import run_job, run_suite
+from bench.runner import run_suite
 from bench.suite import load_suite
+from bench.worker import run_job
 
 IMAGE_METRICS = ["fid", "kid", "class_acc", "precision", "recall", "inception_score", "psnr", "ssim"]
 
@@ -37,7 +38,8 @@ def bundle():
 
 def test_every_metric_gets_ci_columns_and_optional_ones_are_recorded_missing(bundle):
     suite = tiny_suite(IMAGE_METRICS, optional_metrics=["clip_score", "lpips"], reference=[{"method": "ddim", "steps": 3}])
-    row, samples = run_job(job("ddim", 2, 1.0, 8, 4), bundle, suite)
+    _, ref = run_job(job("ddim", 3, 1.0, 8, 8), bundle, tiny_suite())
+    row, samples = run_job(job("ddim", 2, 1.0, 8, 4), bundle, suite, baseline=ref)
     for m in IMAGE_METRICS:
         assert np.isfinite([row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"]]).all(), m
         assert row[f"{m}_ci_low"] <= row[m] <= row[f"{m}_ci_high"], m
@@ -51,13 +53,42 @@ def test_every_metric_gets_ci_columns_and_optional_ones_are_recorded_missing(bun
 
 def test_fidelity_compares_with_the_same_seed_reference_samples(bundle):
     suite = tiny_suite(["psnr", "ssim"], reference=[{"method": "ddim", "steps": 3}])
-    ref_row, ref_samples = run_job(job("ddim", 3, 1.0, 6, 3), bundle, suite)
+    ref_row, ref_samples = run_job(job("ddim", 3, 1.0, 6, 3), bundle, suite, baseline_is_self=True)
     assert ref_row["psnr"] == float("inf") and ref_row["ssim"] == pytest.approx(1.0)
-    cached = len(bundle.extra["_baseline_samples"])  # the reference job's own samples, kept
-    row, samples = run_job(job("ddim", 2, 1.0, 6, 6), bundle, suite)  # another batch size: same seeds
+    row, samples = run_job(job("ddim", 2, 1.0, 6, 6), bundle, suite, baseline=ref_samples)  # another batch size: same seeds
     mse = ((samples.double().clamp(-1, 1) - ref_samples.double().clamp(-1, 1)) ** 2).mean()
     assert row["psnr"] == pytest.approx(float(10 * torch.log10(4 / mse)), rel=1e-9)
-    assert len(bundle.extra["_baseline_samples"]) == cached  # not sampled again
+
+
+def test_the_reference_configuration_is_a_planned_job_run_first(tmp_path):
+    """A suite whose grid lacks its reference configuration: the driver adds it as a job of its own,
+    runs it first and hands its samples to the jobs that compare with it (never sampled inside them)."""
+    from bench.runner import run_suite
+
+    text = """
+name: fid_ref
+n_samples: 6
+batch_size: 6
+bootstrap: 3
+models: [digits-unet]
+methods: [ddim]
+steps: [2]
+guidance: [1.0]
+metrics: [psnr]
+reference: {method: ddim, steps: 3}
+timing: {warmup: 0}
+"""
+    (tmp_path / "s.yaml").write_text(text)
+    run = run_suite(load_suite(tmp_path / "s.yaml"), "r", tmp_path / "res", progress=False)
+    df = pd.read_parquet(run / "results.parquet").set_index("steps")
+    assert sorted(df.index) == [2, 3] and df.loc[3, "planned_as"] == "reference" and df.loc[2, "planned_as"] == "grid"
+    assert df.loc[3, "psnr"] == float("inf")
+    ref = np.load(run / "jobs" / df.loc[3, "job_id"] / "samples.npy")
+    own = np.load(run / "jobs" / df.loc[2, "job_id"] / "samples.npy")
+    mse = ((np.clip(own, -1, 1).astype(np.float64) - np.clip(ref, -1, 1)) ** 2).mean()
+    assert df.loc[2, "psnr"] == pytest.approx(10 * np.log10(4 / mse), rel=1e-9)
+    log = [json.loads(line) for line in (run / "executions.jsonl").read_text().splitlines()]
+    assert [e["job_id"] for e in log] == [df.loc[3, "job_id"], df.loc[2, "job_id"]]  # the reference first
 
 
 def test_fidelity_without_a_reference_configuration_says_how_to_add_one(bundle):

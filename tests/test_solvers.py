@@ -16,8 +16,8 @@ from bench.cli import main
 from bench.denoiser import FlowSchedule, VPSchedule
 from bench.models import build_model
 from bench.registry import METHODS
-from bench.runner import run_job
 from bench.seeds import generators, noise
+from bench.worker import run_job
 from methods.solvers import base
 from methods.solvers.core import Grid, ODEModel, lagrange_integrals
 from methods.solvers.ddim import sample_ddim, trailing_timesteps
@@ -50,7 +50,7 @@ def test_every_solver_is_listed_with_its_metadata(capsys):
         e = entries[name]
         assert e["family"] == "solver" and e["training"] == "free"
         assert "arXiv" in e["paper"]
-        assert tuple(e["applies_to"]) == kinds
+        assert e["applies_to"] == {"prediction": list(kinds)}
         assert e["knobs"]["schedule"]["choices"] == list(S.SCHEDULES)
     assert entries["unipc"]["knobs"]["variant"]["choices"] == ["bh1", "bh2"]
     assert entries["dpm_solver"]["knobs"]["order"]["range"] == [1, 3]
@@ -145,12 +145,15 @@ def test_gits_schedule_is_calibrated_on_the_model(monkeypatch):
     monkeypatch.setattr(base, "GITS_SAMPLES", 32)
     b = build_model("gmm", dim=2, prediction="eps")
     euler = METHODS.get("euler")(schedule="gits")
-    euler.prepare(b, 5)
+    (art,) = euler.prepare(b, 5).artifacts
     t = euler.grid.t
     fine = S.karras(VP, 40)
     assert len(t) == 6 and t[0] == 999.0 and t[-1] == -1.0 and set(t) <= set(fine)
-    cost = euler.train_cost()
-    assert cost["teacher_evals"] == 40 * 32 and cost["wall_s"] > 0
+    # the calibration is an artifact, its teacher forwards counted by the harness: 40 iPNDM steps on 32 draws
+    assert art.cost["teacher_rows"] == 40 * 32 and art.cost["teacher_calls"] == 40 and art.cost["wall_s"] > 0
+    assert art.record["method"] == "ipndm" and art.record["name"] == "gits-cost"
+    (again,) = METHODS.get("dpmpp_2m")(schedule="gits").prepare(b, 7).artifacts  # shared by every solver and step count
+    assert again.key == art.key and not again.built
     assert not np.allclose(t, S.karras(VP, 5))
 
 

@@ -17,8 +17,8 @@ import pytest
 from bench.models import build_model
 from bench.paths import REPO
 from bench.registry import METHODS
-from bench.runner import run_job
 from bench.suite import Job, load_suite
+from bench.worker import run_job
 
 BASELINES = REPO / "results" / "baselines"
 

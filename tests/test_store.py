@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.store import ArtifactStore, JobStore, content_key, link_or_copy, samples_digest
+from bench.artifacts import ArtifactStore
+from bench.store import JobStore, content_key, link_or_copy, samples_digest
 
 
 def test_content_key_ignores_key_order_and_sees_values():
@@ -57,14 +58,14 @@ def test_link_keeps_the_old_samples_when_the_entry_is_replaced(tmp_path):
 def _build_in_process(root: str, spec: dict, log: str, sleep: float, start: float) -> str:
     time.sleep(max(0.0, start - time.time()))  # all processes ask at about the same moment
 
-    def build(d: Path) -> dict:
+    def build(out: Path, work: Path) -> dict:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(sleep)
-        (d / "weights.bin").write_bytes(b"trained")
+        (out / "weights.bin").write_bytes(b"trained")
         return {"train_wall_s": sleep}
 
-    art = ArtifactStore(Path(root)).get_or_build(spec, build)
+    art = ArtifactStore(Path(root)).get_or_build(content_key(spec), build, describe={"spec": spec})
     assert (art.path / "weights.bin").read_bytes() == b"trained"
     return f"{art.path}|{art.built}"
 
@@ -79,27 +80,35 @@ def test_artifact_is_trained_once_when_many_processes_ask_at_once(tmp_path):
     assert len(log.read_text().split()) == 1  # built by exactly one process
     paths = {r.split("|")[0] for r in res}
     assert len(paths) == 1 and sorted(r.split("|")[1] for r in res) == ["False", "False", "False", "True"]
-    meta = ArtifactStore(tmp_path / "a").get(spec).meta
-    assert meta["spec"] == spec and meta["train_wall_s"] == 1.0 and meta["build_wall_s"] >= 1.0
+    meta = ArtifactStore(tmp_path / "a").get(content_key(spec)).record
+    assert meta["spec"] == spec and meta["train_wall_s"] == 1.0 and meta["digest"]
 
 
-def test_failed_build_leaves_nothing_and_the_next_caller_builds(tmp_path):
+def test_failed_build_is_not_visible_keeps_its_work_dir_and_the_next_caller_builds(tmp_path):
     store = ArtifactStore(tmp_path)
 
-    def broken(d: Path) -> None:
-        (d / "half").write_text("x")
+    def broken(out: Path, work: Path) -> None:
+        (work / "ckpt").write_text("step 5")  # what a resumed build would start from
+        (out / "half").write_text("x")
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        store.get_or_build("spec", broken)
-    assert store.get("spec") is None and not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
-    art = store.get_or_build("spec", lambda d: (d / "ok").write_text("y") and None)
-    assert art.built and (art.path / "ok").read_text() == "y"
-    assert store.get_or_build("spec", broken).built is False  # found: the builder is not called again
+        store.get_or_build("k", broken)
+    assert store.get("k") is None and not (tmp_path / "k").exists()
+    assert (store.work_dir("k") / "ckpt").read_text() == "step 5"
+
+    def resumed(out: Path, work: Path) -> None:
+        assert not (out / "half").exists()  # a failed attempt's output is never carried over
+        (out / "ok").write_text((work / "ckpt").read_text())
+
+    art = store.get_or_build("k", resumed)
+    assert art.built and (art.path / "ok").read_text() == "step 5"
+    assert not store.work_dir("k").exists()  # finished: the work directory is gone
+    assert store.get_or_build("k", broken).built is False  # found: the builder is not called again
 
 
 def _die_while_building(root: str) -> None:
-    def build(d: Path) -> None:
+    def build(out: Path, work: Path) -> None:
         os._exit(3)  # killed mid-training while holding the lock
 
     ArtifactStore(Path(root)).get_or_build("s", build)
@@ -110,5 +119,5 @@ def test_a_builder_that_dies_releases_the_lock(tmp_path):
     p.start()
     p.join(60)
     assert p.exitcode == 3
-    art = ArtifactStore(tmp_path).get_or_build("s", lambda d: (d / "w").write_text("z") and None)
+    art = ArtifactStore(tmp_path).get_or_build("s", lambda out, work: (out / "w").write_text("z") and None)
     assert art.built and (art.path / "w").read_text() == "z"

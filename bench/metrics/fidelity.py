@@ -2,8 +2,9 @@
 of the suite's reference configuration drawn with the same seed (as feature-cache papers report).
 
 The suite names its reference configuration with ``reference: {method: NAME, steps: N}`` (the
-entry the reports also use for speedups); the runner samples it on each job's seeds and guidance,
-untimed and uncounted, once per model and guidance.
+entry the reports also use for speedups). The driver plans that configuration as a job of its own
+(adding it to the run when the grid lacks it), runs it first, and hands its samples to every job
+that compares with it: they arrive as ``MetricContext.baseline``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from bench.metrics.base import MetricContext, Statistic, register_metric
 
 if TYPE_CHECKING:
-    from bench.models import ModelBundle
     from bench.suite import Job, Suite
 
 LPIPS_WEIGHTS = "alexnet-lpips"
@@ -43,24 +43,6 @@ def baseline_job(job: Job, suite: Suite) -> Job:
     r = next((e for e in entries if e.get("guidance") == job.guidance), entries[0])
     knobs = tuple(sorted(METHODS.get(r["method"]).resolve_knobs(dict(r.get("knobs") or {})).items()))
     return dataclasses.replace(job, method=r["method"], knobs=knobs, steps=int(r["steps"]))
-
-
-def baseline_samples(
-    job: Job, bundle: ModelBundle, suite: Suite, device: str = "cpu", own: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Samples of the reference configuration on the seeds of ``job`` (``own``: the job's own
-    samples, used when the job is the reference), cached per model in the bundle."""
-    from bench.runner import run_job
-
-    bj = baseline_job(job, suite)
-    cache = bundle.extra.setdefault("_baseline_samples", {})
-    key = bj.job_id(bundle.weights_hash)
-    if key not in cache and bj == job and own is not None:
-        cache[key] = own
-    if key not in cache:
-        quiet = dataclasses.replace(suite, metrics=[], optional_metrics=[], warmup=0)
-        cache[key] = run_job(bj, bundle, quiet, device)[1]
-    return cache[key]
 
 
 def _baseline(ctx: MetricContext, metric: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.bundle import Capabilities, ModelBundle
 from bench.data import IMAGE_SIZE, NUM_CLASSES
 from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
 from bench.io import load_weights
@@ -16,30 +16,6 @@ from bench.models.digits_nets import NULL_CLASS, DigitsClassifier, DigitsDiT, Di
 from bench.models.gmm import GaussianMixture, GMMNet, gmm_schedule
 from bench.paths import ASSETS
 from bench.registry import MODELS
-
-
-@dataclass
-class ModelBundle:
-    """What a method and the metrics need of a model."""
-
-    name: str
-    denoiser: Denoiser
-    sample_shape: tuple[int, ...]
-    data: str  # "image" or "vector"
-    num_classes: int | None = None
-    dtype: torch.dtype = torch.float32
-    weights_hash: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def kind(self) -> str:
-        return self.denoiser.kind
-
-    @property
-    def t_start(self) -> float:
-        """The native time every sampler starts from (trailing spacing: the noisiest step)."""
-        sch = self.denoiser.schedule
-        return float(sch.num_train_timesteps - 1) if isinstance(sch, VPSchedule) else float(sch.num_train_timesteps)
 
 
 def _file_hash(path: Path) -> str:
@@ -60,6 +36,9 @@ def load_net(name: str, net: torch.nn.Module, weights: str | Path | None = None)
     "gmm",
     kind="eps|flow",
     data="vector",
+    capabilities=lambda o: Capabilities(
+        "analytic", "vector", o.get("prediction", "eps"), "none", _schedule(o.get("prediction", "eps")), "none"
+    ),
     description="analytic Gaussian mixture with exact score and exact PF-ODE endpoint (the solver oracle)",
     options={"dim": "int, 2 or more (default 2)", "prediction": "'eps' (VP) or 'flow' (default 'eps')"},
 )
@@ -77,6 +56,7 @@ def gmm(dim: int = 2, prediction: str = "eps") -> ModelBundle:
         data="vector",
         dtype=torch.float64,
         weights_hash=f"gmm-preset-{dim}",
+        arch="analytic",
         extra={"mixture": mix},
     )
 
@@ -85,6 +65,7 @@ def gmm(dim: int = 2, prediction: str = "eps") -> ModelBundle:
     "digits-unet",
     kind="eps",
     data="image",
+    capabilities=Capabilities("unet", "image", "eps", "class", "vp", "cfg"),
     description="class-conditional diffusers UNet2DModel, eps-prediction, DDPM 1000 steps, CFG (1.1M params)",
     options={"weights": "path to a safetensors file (default: the committed one)"},
 )
@@ -100,6 +81,7 @@ def digits_unet(weights: str | None = None) -> ModelBundle:
     "digits-dit",
     kind="flow",
     data="image",
+    capabilities=Capabilities("dit", "image", "flow", "class", "flow", "cfg"),
     description="class-conditional rectified-flow FluxTransformer2DModel (2 double + 4 single blocks), CFG",
     options={"weights": "path to a safetensors file (default: the committed one)"},
 )
@@ -126,16 +108,25 @@ MODELS.add(
 )
 
 
-def model_kind(name: str, options: dict[str, Any]) -> str:
-    """The prediction kind a model's options select, without building it: its registered kind, or
-    for a model registered with several (``eps|flow``), the one its options name (gmm's
-    ``prediction``; a diffusers pipeline's scheduler config, "" while the pipeline is not here)."""
-    kind = MODELS.entry(name).meta["kind"]
-    if name == "diffusers":
-        from bench.models.pipelines import pipeline_kind
+def _schedule(prediction: str) -> str:
+    return "flow" if prediction == "flow" else "vp"
 
-        return pipeline_kind(str(options.get("pipeline", "")))
-    return options.get("prediction", "eps") if "|" in kind else kind
+
+def model_capabilities(name: str, options: dict[str, Any]) -> Capabilities | None:
+    """A model's capabilities from its registration and options, without building it; None when
+    they cannot be known yet (a diffusers pipeline not on this machine)."""
+    caps = MODELS.entry(name).meta.get("capabilities")
+    if name == "diffusers":
+        from bench.models.pipelines import pipeline_capabilities
+
+        return pipeline_capabilities(str(options.get("pipeline", "")))
+    return caps(options) if callable(caps) else caps
+
+
+def model_kind(name: str, options: dict[str, Any]) -> str:
+    """What a model predicts (eps, v, x0, flow), known before it is built; "" when unknown."""
+    caps = model_capabilities(name, options)
+    return caps.prediction if caps is not None else ""
 
 
 def build_model(name: str, **options: Any) -> ModelBundle:
@@ -143,7 +134,9 @@ def build_model(name: str, **options: Any) -> ModelBundle:
     entry = MODELS.entry(name)
     if entry.meta.get("kind") == "classifier":
         raise ValueError(f"{name!r} is a feature network, not a generative model")
-    return entry.obj(**options)
+    bundle = entry.obj(**options)
+    bundle.options = dict(options)
+    return bundle
 
 
 from bench.models import pipelines  # noqa: E402, F401  (registers the real tier's `diffusers` model)

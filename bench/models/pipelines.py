@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.bundle import Capabilities, ModelBundle
 from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
-from bench.models import ModelBundle
 from bench.models.digits_nets import image_ids, pack, unpack  # Flux's 2x2 token packing and position ids
 from bench.registry import MODELS
 
@@ -163,6 +163,32 @@ def pipeline_kind(source: str) -> str:
     if str(cfg.get("_class_name", "")).startswith("FlowMatch"):
         return "flow"
     return PREDICTION.get(cfg.get("prediction_type", "epsilon"), "eps")
+
+
+def pipeline_capabilities(source: str) -> Capabilities | None:
+    """A pipeline's capabilities from its configs alone (scheduler and model index, in its directory
+    or the local Hugging Face cache); None when it is not on this machine."""
+    kind = pipeline_kind(source)
+    if not kind:
+        return None
+    index = _model_index(source)
+    cls = next((v[1] for k, v in index.items() if k in ("unet", "transformer") and isinstance(v, list) and len(v) == 2), "")
+    arch = "unet" if "UNet" in str(cls) else "dit"
+    guidance = "cfg"
+    if cls == "FluxTransformer2DModel":
+        cfg = _component_config(source, "transformer")
+        guidance = "embedded" if cfg.get("guidance_embeds") else "cfg"
+    return Capabilities(arch, "image", kind, "text", "flow" if kind == "flow" else "vp", guidance)
+
+
+def _component_config(source: str, component: str) -> dict[str, Any]:
+    path: Path | None = Path(source).expanduser() / component / "config.json"
+    if not path.is_file():
+        path = _cached(source, f"{component}/config.json")
+    try:
+        return json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def schedule_of(scheduler: Any) -> tuple[VPSchedule | FlowSchedule, str]:

@@ -11,10 +11,10 @@ a call and the model is left exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.hooks import HookRegistry
@@ -22,8 +22,11 @@ from diffusers.hooks.hooks import BaseState, CacheContext, ModelHook, StateManag
 from torch import nn
 
 from bench.adapter import Knob, MethodAdapter, Sampler
-from bench.models import ModelBundle
+from bench.bundle import ModelBundle
 from bench.registry import METHODS
+
+if TYPE_CHECKING:
+    from bench.artifacts import Artifact, ArtifactSpec
 
 SOLVER_KNOB = Knob("solver", str, "euler", "registered solver the cache runs under (its default knobs)")
 CONTEXT = "cond"  # a guided evaluation is one batched forward, so one cache context per call
@@ -160,12 +163,20 @@ class CacheAdapter(MethodAdapter):
         """The modules a cache skips, for ``bench.accounting.UnitCounter`` (blocks computed)."""
         return {}
 
-    def solver(self, bundle: ModelBundle, steps: int) -> Sampler:
+    def solver_adapter(self) -> MethodAdapter:
+        """The registered solver (at its default knobs) this cache runs under."""
         name = self.config["solver"]
         cls = METHODS.get(name)
         if getattr(cls, "family", None) != "solver":
             raise ValueError(f"{self.name}: knob solver={name!r} is not a solver; choose a registered solver method")
-        return cls().prepare(bundle, steps)
+        return cls()
+
+    def solver(self, bundle: ModelBundle, steps: int, artifacts: Mapping[str, Artifact] | None = None) -> Sampler:
+        """The solver's prepared sampler (``artifacts``: the solver's own, such as a GITS schedule)."""
+        return self.solver_adapter().prepare(bundle, steps, artifacts)
+
+    def artifacts(self, bundle: ModelBundle, steps: int, guidance: float | None) -> list[ArtifactSpec]:
+        return self.solver_adapter().artifacts(bundle, steps, guidance)
 
     @contextmanager
     def installed(self, model: nn.Module, steps: int) -> Iterator[CacheHandle]:
@@ -181,9 +192,8 @@ class CacheAdapter(MethodAdapter):
             set_context(model, None)
             remove_hooks(handle)
 
-    def prepare(self, bundle: ModelBundle, steps: int) -> Sampler:
-        self.check(bundle)
-        inner = self.solver(bundle, steps)
+    def make(self, bundle: ModelBundle, steps: int, artifacts: Mapping[str, Artifact]) -> Sampler:
+        inner = self.solver(bundle, steps, artifacts)
         model = target_model(bundle.denoiser.net)
         self.units(model)  # fails here, with the fix named, on a model this cache cannot hook
 

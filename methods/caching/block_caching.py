@@ -6,8 +6,9 @@ call, ``L1rel(i, t) = |r_t - r_(t-1)|_1 / |r_t|_1`` (averaged over the calibrati
 summing over it). The automatic schedule (the paper's rule, Sec. 3.3): call 0 computes every
 block; afterwards block i accumulates L1rel(i, t) since its last computation and is recomputed
 at the first call where the sum exceeds ``threshold`` (the sum then restarts), else its cached
-output is reused. The change table and each threshold's schedule are artifacts in the artifact
-store (built once, shared by jobs and processes; cost recorded and returned by ``train_cost``).
+output is reused. The change table is an artifact (built once by the harness, shared by every
+threshold, job and process; its cost recorded with it); each threshold's schedule is computed from
+it when a job is prepared.
 
 What a block "output" is here: a transformer block adds its output to the residual stream
 (``y = x + f(x)``), and the paper caches the block's own output f(x) with the skip connection
@@ -22,8 +23,7 @@ calibration is per solver and steps (both in the artifact spec). Threshold 0 com
 from __future__ import annotations
 
 import hashlib
-import time
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -32,9 +32,9 @@ from diffusers.hooks.hooks import ModelHook, StateManager
 from torch import nn
 
 from bench.adapter import Knob, Sampler, register_method
-from bench.models import ModelBundle
+from bench.artifacts import Artifact, ArtifactSpec, BuildContext, artifact_spec
+from bench.bundle import Applies, ModelBundle
 from bench.seeds import generators, noise
-from bench.store import ArtifactStore, default_artifact_store
 from methods.caching.base import (
     SOLVER_KNOB,
     CacheAdapter,
@@ -54,7 +54,6 @@ BLOCK_HOOK = "block_caching_block"
 CALIB_HOOK = "block_caching_calibrate"
 CALIB_SAMPLES = 8
 CALIB_SEED = 1_000_003  # calibration seeds, disjoint from the suites' evaluation seeds (0, 1, ...)
-CODE_VERSION = 1  # bump when the calibration or schedule rule changes (it is in the artifact spec)
 
 
 def l1(s: Streams) -> torch.Tensor:
@@ -176,7 +175,7 @@ class BlockCaching(CacheAdapter):
     name = "block_caching"
     training = "calibration"
     paper = "Wimbauer et al. 2024, Cache Me if You Can: Accelerating Diffusion Models through Block Caching, arXiv 2312.03209"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "calibrated per-block schedule: recompute a block once its accumulated relative change exceeds a threshold"
     knobs = (
         SOLVER_KNOB,
@@ -188,75 +187,48 @@ class BlockCaching(CacheAdapter):
             low=0.0,
             high=100.0,
         ),
-        Knob("calib_guidance", float, 2.0, "guidance scale of the calibration run", low=0.0, high=50.0),
+        Knob("calib_guidance", float, 2.0, "guidance scale of the calibration run", low=0.0, high=50.0, trains=True),
     )
 
     def __init__(self, **knobs: Any) -> None:
         super().__init__(**knobs)
         self.schedule: np.ndarray | None = None
         self.change: np.ndarray | None = None
-        self._cost = {"wall_s": 0.0, "optimizer_steps": 0, "teacher_evals": 0}
-        self.store: ArtifactStore | None = None  # default: $BENCH_HOME/artifacts
 
-    def spec(self, bundle: ModelBundle, steps: int, threshold: float | None = None) -> dict[str, Any]:
-        s = {
-            "method": self.name,
-            "artifact": "change_table" if threshold is None else "schedule",
-            "model": bundle.name,
-            "weights": weights_identity(bundle),
-            "steps": steps,
-            "solver": self.config["solver"],
-            "calib_guidance": self.config["calib_guidance"],
-            "calib_samples": CALIB_SAMPLES,
-            "calib_seed": CALIB_SEED,
-            "code": CODE_VERSION,
-        }
-        if threshold is not None:
-            s["threshold"] = threshold
-        return s
+    def change_spec(self, bundle: ModelBundle, steps: int) -> ArtifactSpec:
+        """The change table of (model, solver, steps, calibration guidance): shared by every threshold."""
+        g = self.config["calib_guidance"]
+        params = {"solver": self.config["solver"], "steps": int(steps), "samples": CALIB_SAMPLES, "seed": CALIB_SEED}
+        params["net"] = weights_identity(bundle)
+        inner = tuple(self.solver_adapter().artifacts(bundle, steps, None))
+        rows = CALIB_SAMPLES * int(steps) * (2 if g != 1.0 and bundle.num_classes else 1)
+        return artifact_spec(self, bundle, "change-table", params, parents=inner, budget={"teacher_rows": rows})
 
-    def calibrate(self, bundle: ModelBundle, steps: int) -> dict[str, Any]:
-        """Get or build this setting's schedule artifact (and the change table under it); returns its
-        metadata (``calibration_wall_s``, ``teacher_evals``, ``path``)."""
-        self.check(bundle)
-        store = self.store or default_artifact_store()
-        solver = self.solver(bundle, steps)
+    def artifacts(self, bundle: ModelBundle, steps: int, guidance: float | None) -> list[ArtifactSpec]:
+        return [*super().artifacts(bundle, steps, guidance), self.change_spec(bundle, steps)]
+
+    @torch.no_grad()
+    def build(self, spec: ArtifactSpec, ctx: BuildContext) -> None:
+        bundle, steps = ctx.bundle, int(spec.params["steps"])
         block_lists(target_model(bundle.denoiser.net))  # a clear error for a model without transformer blocks
+        solver = self.solver(bundle, steps, {a.key: a for a in ctx.parents.values()})
+        table = change_table(bundle, steps, solver, self.config["calib_guidance"])
+        np.save(ctx.out / "change.npy", table)
+        ctx.note(samples_drawn=CALIB_SAMPLES)
 
-        def build_change(tmp: Path) -> dict[str, Any]:
-            t0 = time.perf_counter()
-            table = change_table(bundle, steps, solver, self.config["calib_guidance"])
-            np.save(tmp / "change.npy", table)
-            return {"calibration_wall_s": time.perf_counter() - t0, "teacher_evals": int(table.shape[1]) * CALIB_SAMPLES}
+    def make(self, bundle: ModelBundle, steps: int, artifacts: Mapping[str, Artifact]) -> Sampler:
+        spec = self.change_spec(bundle, steps)
+        if spec.key not in artifacts:
+            raise ValueError(f"block_caching: its calibration {spec.label} was not given; prepare(bundle, steps) builds it")
+        self.change = np.load(artifacts[spec.key].path / "change.npy")
+        self.schedule = build_schedule(self.change, self.config["threshold"])  # the automatic schedule (Sec. 3.3)
+        return super().make(bundle, steps, artifacts)
 
-        def build_schedule_artifact(tmp: Path) -> dict[str, Any]:
-            ch = store.get_or_build(self.spec(bundle, steps), build_change)
-            table = np.load(ch.path / "change.npy")
-            sched = build_schedule(table, self.config["threshold"])
-            np.save(tmp / "change.npy", table)
-            np.save(tmp / "schedule.npy", sched)
-            return {
-                "calibration_wall_s": ch.meta["calibration_wall_s"],
-                "teacher_evals": ch.meta["teacher_evals"],
-                "computed_fraction": float(sched.mean()),
-            }
-
-        art = store.get_or_build(self.spec(bundle, steps, self.config["threshold"]), build_schedule_artifact)
-        self.change = np.load(art.path / "change.npy")
-        self.schedule = np.load(art.path / "schedule.npy")
-        self._cost = {
-            "wall_s": float(art.meta["calibration_wall_s"]),
-            "optimizer_steps": 0,
-            "teacher_evals": art.meta["teacher_evals"],
-        }
-        return {**art.meta, "path": str(art.path), "built": art.built}
-
-    def prepare(self, bundle: ModelBundle, steps: int) -> Sampler:
-        self.calibrate(bundle, steps)
-        return super().prepare(bundle, steps)
-
-    def train_cost(self) -> dict[str, float]:
-        return dict(self._cost)
+    def calibrate(self, bundle: ModelBundle, steps: int) -> np.ndarray:
+        """Get (or build, once) the change table and this threshold's schedule; returns the schedule."""
+        self.prepare(bundle, steps)
+        assert self.schedule is not None
+        return self.schedule
 
     def apply(self, model: nn.Module, steps: int) -> CacheHandle:
         if self.schedule is None:

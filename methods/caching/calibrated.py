@@ -12,18 +12,19 @@ the last block and the model. One run records, per network call,
 * MagCache's magnitude ratio: the mean over rows and tokens of ||r_t|| / ||r_{t-1}|| of the
   block-stack residuals r of successive calls (1.0 for the first call).
 
-The calibration is a trained artifact (``bench.store.ArtifactStore``, ``$BENCH_HOME/artifacts``):
-built once under a lock, shared by every job and by ``bench calibrate``, its wall time and
-teacher evaluations recorded in the artifact metadata and reported as the method's training cost.
+The calibration is an artifact (:mod:`bench.artifacts`, ``$BENCH_HOME/artifacts``): built once by
+the harness before the jobs that use it, shared by every job and by ``bench calibrate``, its cost
+(wall time, teacher forwards counted by the harness) recorded with it and reported as the
+method's training cost. Its key holds the code version of the method's module, so an edit to
+what a calibration records rebuilds it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,21 +33,19 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from diffusers.hooks.hooks import ModelHook
 from torch import nn
 
-from bench.accounting import ForwardCounter
 from bench.adapter import Knob, Sampler
-from bench.models import ModelBundle
+from bench.artifacts import Artifact, ArtifactSpec, BuildContext, artifact_spec
+from bench.bundle import ModelBundle
 from bench.seeds import generators, noise
-from bench.store import Artifact, ArtifactStore, default_artifact_store
 from methods.caching.base import CacheAdapter, CacheHandle, block_lists, register, remove_hooks, snapshot, target_model
 
 CALIB_SEED = 2**31 - 11  # calibration noise seeds, disjoint from any suite's sample seeds
-CALIB_VERSION = 1  # bump when what a calibration records changes (old artifacts are then rebuilt)
 CALIB_FILE = "calibration.json"
 REC_HEAD, REC_TAIL, REC_ROOT = "calib_rec_head", "calib_rec_tail", "calib_rec_root"
 
 CALIB_KNOBS = (
-    Knob("calib_samples", int, 8, "seeds of the calibration run (its own seeds, classes cycling)", low=1, high=1024),
-    Knob("calib_guidance", float, 2.0, "guidance scale of the calibration run", low=0.0, high=100.0),
+    Knob("calib_samples", int, 8, "seeds of the calibration run (its own seeds, classes cycling)", low=1, high=1024, trains=True),
+    Knob("calib_guidance", float, 2.0, "guidance scale of the calibration run", low=0.0, high=100.0, trains=True),
 )
 
 
@@ -232,9 +231,9 @@ def params_fingerprint(model: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class Calibration:
-    """A loaded calibration: the artifact and what the run recorded."""
+    """A loaded calibration: the artifact (None when given by hand) and what the run recorded."""
 
-    artifact: Artifact
+    artifact: Artifact | None
     data: dict[str, Any]
 
     @property
@@ -245,94 +244,71 @@ class Calibration:
 class CalibratedCache(CacheAdapter):
     """A cache whose skip rule needs a calibration run (training class ``calibration``).
 
-    ``prepare`` gets or builds the calibration artifact for (method, model, weights, solver, steps,
-    calibration knobs) and keeps it in :attr:`calibration`; :meth:`apply` uses it. Tests and tools
-    may set :attr:`calibration` by hand (:meth:`use`) to install the hooks on a bare transformer.
+    Its artifact is the calibration of (model, weights, solver, steps, the knobs marked ``trains``):
+    built once by the harness (:meth:`build`: the uncached solver on the calibration seeds with the
+    recording hooks), loaded by :meth:`make` into :attr:`calibration` for :meth:`apply`. Tests and
+    tools may set :attr:`calibration` by hand (:meth:`use`) to install the hooks on a bare transformer.
     """
 
     training = "calibration"
-    calibration_knobs: ClassVar[tuple[str, ...]] = ("calib_samples", "calib_guidance")
     modulation: ClassVar[bool] = False  # whether the calibration records TeaCache's modulated input
 
     def __init__(self, **knobs: Any) -> None:
         super().__init__(**knobs)
         self.calibration: Calibration | None = None
-        self.store: ArtifactStore | None = None  # default: $BENCH_HOME/artifacts
 
     # what a subclass provides
     def fit(self, rec: Recorder) -> dict[str, Any]:
         """The method's calibration from a recorded run (JSON-serialisable)."""
         raise NotImplementedError
 
-    def calibration_spec(self, bundle: ModelBundle, steps: int) -> dict[str, Any]:
-        net = bundle.denoiser.net
-        return {
-            "artifact": "cache-calibration",
-            "version": CALIB_VERSION,
-            "method": self.name,
-            "model": bundle.name,
-            "weights": bundle.weights_hash,
-            "params": params_fingerprint(net),
-            "solver": self.config["solver"],
-            "steps": int(steps),
-            "knobs": {k: self.config[k] for k in self.calibration_knobs},
-        }
+    def calibration_spec(self, bundle: ModelBundle, steps: int) -> ArtifactSpec:
+        n, g = self.config["calib_samples"], self.config["calib_guidance"]
+        rows = n * int(steps) * (2 if g != 1.0 and bundle.num_classes else 1)  # about: solvers with more NFE per step spend more
+        params = {"solver": self.config["solver"], "steps": int(steps), "net": params_fingerprint(bundle.denoiser.net)}
+        inner = tuple(self.solver_adapter().artifacts(bundle, steps, None))  # e.g. a GITS schedule under the solver
+        return artifact_spec(self, bundle, "calibration", params, parents=inner, budget={"teacher_rows": rows})
 
-    def calibrate(self, bundle: ModelBundle, steps: int, store: ArtifactStore | None = None) -> Calibration:
-        """Get (or build, once) this configuration's calibration artifact and keep it for :meth:`apply`."""
-        self.check(bundle)
-        model = target_model(bundle.denoiser.net)
-        self.units(model)  # a clear error for a model this cache cannot hook
-        store = store or self.store or default_artifact_store()
-        art = store.get_or_build(self.calibration_spec(bundle, steps), lambda d: self._build(bundle, steps, d))
-        self.calibration = Calibration(art, json.loads((art.path / CALIB_FILE).read_text()))
-        return self.calibration
-
-    def use(self, data: dict[str, Any]) -> None:
-        """Use a calibration given by hand (``n_calls`` plus the method's fields), without the store."""
-        self.calibration = Calibration(Artifact("manual", Path("."), {"train_cost": zero_cost()}, built=False), data)
+    def artifacts(self, bundle: ModelBundle, steps: int, guidance: float | None) -> list[ArtifactSpec]:
+        return [*super().artifacts(bundle, steps, guidance), self.calibration_spec(bundle, steps)]
 
     @torch.no_grad()
-    def _build(self, bundle: ModelBundle, steps: int, out_dir: Path) -> dict[str, Any]:
-        c = self.config
-        t0 = time.perf_counter()
+    def build(self, spec: ArtifactSpec, ctx: BuildContext) -> None:
+        if spec.name != "calibration":
+            return super().build(spec, ctx)
+        c, bundle = self.config, ctx.bundle
         net = bundle.denoiser.net
+        self.units(target_model(net))  # a clear error for a model this cache cannot hook
         device = next(net.parameters()).device
         n = c["calib_samples"]
         gens = generators(CALIB_SEED, range(n), device)
         x = noise(gens, bundle.sample_shape, bundle.dtype, device)
         cond = (torch.arange(n) % bundle.num_classes).to(device) if bundle.num_classes else None
-        inner = self.solver(bundle, steps)
-        with ForwardCounter(net) as counter:
-            rec = record_run(target_model(net), lambda: inner(x, cond, c["calib_guidance"], gens), self.modulation)
+        inner = self.solver(bundle, int(spec.params["steps"]), {a.key: a for a in ctx.parents.values()})
+        rec = record_run(target_model(net), lambda: inner(x, cond, c["calib_guidance"], gens), self.modulation)
         data = {"n_calls": rec.calls, **self.fit(rec)}
-        (out_dir / CALIB_FILE).write_text(json.dumps(data, indent=1))
-        cost = {
-            "wall_s": time.perf_counter() - t0,
-            "optimizer_steps": 0,
-            "teacher_evals": counter.calls * n,  # guided evaluations of one sample (as GITS counts them)
-            "network_calls": counter.calls,
-            "network_rows": counter.rows,
-            "device": str(device),
-        }
-        return {"train_cost": cost}
+        (ctx.out / CALIB_FILE).write_text(json.dumps(data, indent=1))
+        ctx.note(samples_drawn=n)
 
-    def prepare(self, bundle: ModelBundle, steps: int) -> Sampler:
-        self.calibrate(bundle, steps)
-        return super().prepare(bundle, steps)
+    def make(self, bundle: ModelBundle, steps: int, artifacts: Mapping[str, Artifact]) -> Sampler:
+        spec = self.calibration_spec(bundle, steps)
+        if spec.key not in artifacts:
+            raise ValueError(f"{self.name}: its calibration {spec.label} was not given; prepare(bundle, steps) builds it")
+        art = artifacts[spec.key]
+        self.calibration = Calibration(art, json.loads((art.path / CALIB_FILE).read_text()))
+        return super().make(bundle, steps, artifacts)
+
+    def calibrate(self, bundle: ModelBundle, steps: int) -> Calibration:
+        """Get (or build, once) this configuration's calibration and keep it for :meth:`apply`."""
+        self.prepare(bundle, steps)
+        assert self.calibration is not None
+        return self.calibration
+
+    def use(self, data: dict[str, Any]) -> None:
+        """Use a calibration given by hand (``n_calls`` plus the method's fields), without the store."""
+        self.calibration = Calibration(None, data)
 
     def need_calibration(self) -> Calibration:
         if self.calibration is None:
             raise ValueError(f"{self.name}: no calibration loaded; call prepare(bundle, steps) or calibrate(bundle, steps) first")
         return self.calibration
-
-    def train_cost(self) -> dict[str, float]:
-        """The calibration run's measured wall seconds and teacher evaluations (zero before prepare)."""
-        if self.calibration is None:
-            return zero_cost()
-        cost = self.calibration.artifact.meta.get("train_cost", {})
-        return {k: cost.get(k, 0) for k in ("wall_s", "optimizer_steps", "teacher_evals")}
-
-
-def zero_cost() -> dict[str, float]:
-    return {"wall_s": 0.0, "optimizer_steps": 0, "teacher_evals": 0}

@@ -26,6 +26,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, CallClockHook, block_lists, register
 
 CLOCK_HOOK = "dbcache_clock"
@@ -185,7 +186,7 @@ def split_blocks(model: nn.Module, fn: int, bn: int) -> tuple[list, list, list]:
 class DBCache(CacheAdapter):
     name = "dbcache"
     paper = "DBCache (Dual Block Cache), vipshop/cache-dit; extends ParaAttention's First Block Cache"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "compute the first Fn and last Bn blocks; reuse the middle blocks' residual while the Fn residual is unchanged"
     knobs = (
         SOLVER_KNOB,

@@ -17,6 +17,7 @@ import numpy as np
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import CacheAdapter, CacheHandle, ReuseOutputHook, StepClockHook, new_state, register
 
 CLOCK_HOOK = "deepcache_clock"
@@ -54,7 +55,7 @@ def deep_blocks(model: nn.Module, branch: int) -> dict[str, nn.Module]:
 class DeepCache(CacheAdapter):
     name = "deepcache"
     paper = "Ma et al. 2023, DeepCache: Accelerating Diffusion Models for Free, arXiv 2312.00858"
-    applies_to = ("eps", "v", "x0")  # by prediction kind: the UNet teachers here are VP models
+    applies_to = Applies(arch=("unet",))  # diffusers UNets (its skip branches are what it caches)
     description = "UNet: full pass every N calls caches the deep features; between, only the shallow skip branch runs"
     knobs = (
         Knob("solver", str, "ddim", "registered solver the cache runs under (its default knobs)"),

@@ -26,6 +26,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, CallClockHook, block_lists, register
 
 CLOCK_HOOK = "delta_dit_clock"
@@ -179,7 +180,7 @@ class DeltaDiT(CacheAdapter):
     paper = (
         "Chen et al. 2024, Delta-DiT: A Training-Free Acceleration Method Tailored for Diffusion Transformers, arXiv 2406.01125"
     )
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "cache a block span's residual (rear blocks early, front blocks late); full pass every N calls"
     knobs = (
         SOLVER_KNOB,

@@ -31,6 +31,7 @@ rows, so NFE (rows / (n * 2)) drops by half a function evaluation per cached cal
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,8 +40,8 @@ from diffusers.hooks.hooks import ModelHook
 from torch import nn
 
 from bench.adapter import Knob, Sampler, register_method
+from bench.bundle import Applies, ModelBundle
 from bench.denoiser import Denoiser
-from bench.models import ModelBundle
 from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, block_lists, register, target_model
 from methods.caching.pab import TIMESTEP_HOOK, TimestepHook, install_timestep_hook
 
@@ -202,7 +203,7 @@ class CFGCacheDenoiser(Denoiser):
 class FasterCache(CacheAdapter):
     name = "fastercache"
     paper = "Lv et al. 2024, FasterCache: Training-Free Video Diffusion Model Acceleration with High Quality, arXiv 2410.19355"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = (
         "extrapolate attention outputs between full calls; CFG-Cache: conditional half only, uncond from the cached difference"
     )
@@ -256,10 +257,9 @@ class FasterCache(CacheAdapter):
         c = self.config
         return CFGCacheDenoiser(base, c["cfg_interval"], c["cfg_t_high"], c["alpha_low"], c["alpha_high"])
 
-    def prepare(self, bundle: ModelBundle, steps: int) -> Sampler:
-        self.check(bundle)
+    def make(self, bundle: ModelBundle, steps: int, artifacts: Mapping[str, Any]) -> Sampler:
         den = self.cfg_denoiser(bundle.denoiser)
-        inner = self.solver(dataclasses.replace(bundle, denoiser=den), steps)
+        inner = self.solver(dataclasses.replace(bundle, denoiser=den), steps, artifacts)
         model = target_model(bundle.denoiser.net)
         self.units(model)
         self.cfg = den

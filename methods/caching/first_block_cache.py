@@ -13,6 +13,7 @@ from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, block_lists
 
 
@@ -20,7 +21,7 @@ from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, block_l
 class FirstBlockCache(CacheAdapter):
     name = "first_block_cache"
     paper = "ParaAttention First Block Cache (chengzeyi), as diffusers hooks/first_block_cache.py"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "compute the first block; if its residual changed less than threshold, reuse the cached rest"
     knobs = (
         SOLVER_KNOB,

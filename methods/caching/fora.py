@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import (
     SOLVER_KNOB,
     CacheAdapter,
@@ -42,7 +43,7 @@ def sublayers(model: nn.Module) -> dict[str, nn.Module]:
 class FORA(CacheAdapter):
     name = "fora"
     paper = "Selvaraju et al. 2024, FORA: Fast-Forward Caching in Diffusion Transformer Acceleration, arXiv 2407.01425"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "full pass every N calls; between, reuse every block's attention and MLP outputs"
     knobs = (SOLVER_KNOB, Knob("interval", int, 3, "cache interval N (1: no caching)", low=1, high=100))
 

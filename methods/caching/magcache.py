@@ -24,6 +24,7 @@ from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_B
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import SOLVER_KNOB, CacheHandle, block_lists
 from methods.caching.calibrated import CALIB_KNOBS, CalibratedCache, Recorder, block_meta
 
@@ -32,7 +33,7 @@ from methods.caching.calibrated import CALIB_KNOBS, CalibratedCache, Recorder, b
 class MagCache(CalibratedCache):
     name = "magcache"
     paper = "Ma et al. 2025, MagCache: Fast Video Generation with Magnitude-Aware Cache, arXiv 2506.09045"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "skip the blocks while the error predicted from calibrated residual magnitude ratios stays under threshold"
     knobs = (
         SOLVER_KNOB,

@@ -30,6 +30,7 @@ from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROAD
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, register
 
 TIMESTEP_HOOK = "bench_timestep"
@@ -101,7 +102,7 @@ def attention_layers(model: nn.Module, config: PyramidAttentionBroadcastConfig) 
 class PAB(CacheAdapter):
     name = "pab"
     paper = "Zhao et al. 2024, Real-Time Video Generation with Pyramid Attention Broadcast, arXiv 2408.12588"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "inside a timestep window, reuse each attention output for N calls (spatial < temporal < cross)"
     knobs = (
         SOLVER_KNOB,

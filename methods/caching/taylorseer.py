@@ -18,6 +18,7 @@ from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle
 from methods.caching.fora import sublayers
 
@@ -26,7 +27,7 @@ from methods.caching.fora import sublayers
 class TaylorSeer(CacheAdapter):
     name = "taylorseer"
     paper = "Liu et al. 2025, From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers, arXiv 2503.06923"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "full pass every N calls stores features and finite differences to order m; between, Taylor forecast"
     knobs = (
         SOLVER_KNOB,

@@ -28,6 +28,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import SOLVER_KNOB, CacheHandle, block_lists, register
 from methods.caching.calibrated import (
     CALIB_KNOBS,
@@ -141,7 +142,7 @@ class TeaBlockHook(_TeaHook):
 class TeaCache(CalibratedCache):
     name = "teacache"
     paper = "Liu et al. 2024, Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model, arXiv 2411.19108"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "accumulate the rescaled change of the modulated input; reuse the block-stack residual while under threshold"
     knobs = (
         SOLVER_KNOB,

@@ -30,6 +30,7 @@ from diffusers.hooks.hooks import ModelHook, StateManager
 from torch import nn
 
 from bench.adapter import Knob, register_method
+from bench.bundle import Applies
 from methods.caching.base import (
     SOLVER_KNOB,
     CacheAdapter,
@@ -116,7 +117,7 @@ class TokenCacheHook(ModelHook):
 class ToCa(CacheAdapter):
     name = "toca"
     paper = "Zou et al. 2024, Accelerating Diffusion Transformers with Token-wise Feature Caching, arXiv 2410.05317"
-    applies_to = ("flow",)  # by prediction kind: the transformer teachers here are flow models
+    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
     description = "full pass every N calls; between, MLPs recompute only the top-scored tokens, attention reused"
     knobs = (
         SOLVER_KNOB,

@@ -1,4 +1,4 @@
-"""The adapter every grid solver shares: schedule knobs, step budget, GITS calibration.
+"""The adapter every grid solver shares: schedule knobs, step budget, GITS calibration artifact.
 
 A solver adapter turns (model, knobs, steps) into a grid of noise levels (``bench.schedules``)
 and a sampler that runs its plain solver function over that grid. ``steps`` is the number of
@@ -9,7 +9,7 @@ and takes the largest step count whose NFE fits it (the harness still records th
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,13 +17,14 @@ import torch
 
 from bench import schedules as S
 from bench.adapter import Knob, MethodAdapter, Sampler
-from bench.models import ModelBundle
+from bench.artifacts import Artifact, ArtifactSpec, BuildContext, artifact_spec
+from bench.bundle import Applies, ModelBundle
 from bench.seeds import generators as make_generators
 from bench.seeds import noise as make_noise
 from methods.solvers.core import Frame, Grid, ODEModel, sample_ipndm
 
-ALL_KINDS = ("eps", "v", "x0", "flow")
-VP_KINDS = ("eps", "v", "x0")
+ALL_KINDS = Applies(prediction=("eps", "v", "x0", "flow"))
+VP_KINDS = Applies(prediction=("eps", "v", "x0"))
 
 SCHEDULE_KNOBS: tuple[Knob, ...] = (
     Knob("schedule", str, "uniform", "timestep schedule (bench/schedules.py)", choices=S.SCHEDULES),
@@ -35,6 +36,7 @@ SCHEDULE_KNOBS: tuple[Knob, ...] = (
         "guidance of the GITS calibration run (schedule=gits only; set it to the job's)",
         low=0.0,
         high=20.0,
+        trains=True,
     ),
 )
 BUDGET_KNOB = Knob(
@@ -45,9 +47,8 @@ GITS_TEACHER_STEPS = 100  # fine calibration grid (GITS uses ~100 teacher steps)
 GITS_SAMPLES = 64  # calibration trajectories
 GITS_COEFF = 1.15  # GITS's DP coefficient
 GITS_SEED = 2**31 - 7  # calibration noise seeds, disjoint from any suite's sample seeds
-# one calibration per (model, guidance, fine grid), shared by every solver and step count in a
-# process, like a trained artifact; its cost is reported with every job that uses it
-_GITS_CACHE: dict[tuple, tuple[np.ndarray, dict[str, float]]] = {}
+GITS_BUILDER = "ipndm"  # the calibration's teacher solver builds it, shared by every solver and step count
+GITS_FILE = "gits_cost.npy"
 
 
 class GridSolver(MethodAdapter):
@@ -58,10 +59,6 @@ class GridSolver(MethodAdapter):
     applies_to = ALL_KINDS
     knobs: ClassVar[tuple[Knob, ...]] = SCHEDULE_KNOBS
     pure_noise_start: ClassVar[bool] = True  # may start a flow model at s = 1 (alpha = 0)
-
-    def __init__(self, **knobs: Any) -> None:
-        super().__init__(**knobs)
-        self._train_cost = {"wall_s": 0.0, "optimizer_steps": 0, "teacher_evals": 0}
 
     # --- what a subclass provides ---------------------------------------------------------
 
@@ -83,18 +80,17 @@ class GridSolver(MethodAdapter):
             raise ValueError(f"{self.name}: no step count fits an NFE budget of {steps} (one step costs {self.nfe_of(1)})")
         return max(fits)
 
-    def timesteps(self, bundle: ModelBundle, n: int) -> np.ndarray:
+    def timesteps(self, bundle: ModelBundle, n: int, artifacts: Mapping[str, Artifact]) -> np.ndarray:
         sch = bundle.denoiser.schedule
         name = self.config["schedule"]
         if name == "gits":
-            return self.gits_timesteps(bundle, n)
+            return self.gits_timesteps(bundle, n, artifacts)
         return S.timesteps(name, sch, n, pure_noise=self.pure_noise_start, rho=self.config["rho"])
 
-    def prepare(self, bundle: ModelBundle, steps: int) -> Sampler:
-        self.check(bundle)
+    def make(self, bundle: ModelBundle, steps: int, artifacts: Mapping[str, Artifact]) -> Sampler:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        grid = Grid.from_times(bundle.denoiser.schedule, self.timesteps(bundle, self.grid_steps(steps)))
+        grid = Grid.from_times(bundle.denoiser.schedule, self.timesteps(bundle, self.grid_steps(steps), artifacts))
         self.grid = grid
 
         @torch.no_grad()
@@ -105,41 +101,63 @@ class GridSolver(MethodAdapter):
 
         return sampler
 
-    def train_cost(self) -> dict[str, float]:
-        return dict(self._train_cost)
+    # --- GITS (Chen et al. 2024): the schedule from a calibration artifact ------------------
 
-    @torch.no_grad()
-    def gits_timesteps(self, bundle: ModelBundle, n: int) -> np.ndarray:
+    def gits_spec(self, bundle: ModelBundle) -> ArtifactSpec:
+        """The GITS cost matrix of ``bundle`` at this calibration guidance and rho: one artifact per
+        model shared by every solver and step count (built by the iPNDM adapter, its teacher)."""
+        from bench.registry import METHODS
+
+        builder = METHODS.get(GITS_BUILDER)()
+        g = self.config["calib_guidance"]
+        rows = GITS_TEACHER_STEPS * GITS_SAMPLES * (2 if g != 1.0 and bundle.num_classes else 1)
+        params = {"calib_guidance": g, "rho": self.config["rho"], "teacher_steps": GITS_TEACHER_STEPS, "samples": GITS_SAMPLES}
+        return artifact_spec(builder, bundle, "gits-cost", params, budget={"teacher_rows": rows})
+
+    def artifacts(self, bundle: ModelBundle, steps: int, guidance: float | None) -> list[ArtifactSpec]:
+        return [self.gits_spec(bundle)] if self.config["schedule"] == "gits" else []
+
+    def build(self, spec: ArtifactSpec, ctx: BuildContext) -> None:
+        if spec.name != "gits-cost":
+            raise ValueError(f"{self.name} builds no artifact {spec.name!r}")
+        p = spec.params
+        cost = self._gits_cost(
+            ctx.bundle, float(p["calib_guidance"]), float(p["rho"]), int(p["teacher_steps"]), int(p["samples"])
+        )
+        np.save(ctx.out / GITS_FILE, cost)
+        ctx.note(samples_drawn=int(p["samples"]))
+
+    def gits_timesteps(self, bundle: ModelBundle, n: int, artifacts: Mapping[str, Artifact]) -> np.ndarray:
         """GITS (Chen et al. 2024): DP over a fine teacher trajectory with one-step Euler costs.
 
         The teacher is iPNDM (order 4) on a fine Karras grid of ``GITS_TEACHER_STEPS`` steps, on
         ``GITS_SAMPLES`` calibration draws (own seeds, classes cycling, guidance ``calib_guidance``).
         cost[i, j] is the mean L2 distance, in the solver frame, between an Euler (DDIM) step from
         the teacher state at fine point i straight to fine point j and the teacher state at j.
-        The calibration's wall time and network evaluations are reported as training cost; the
-        cost matrix does not depend on the solver or the step count, so it is computed once.
+        The cost matrix does not depend on the solver or the step count: it is one artifact, whose
+        recorded cost is the training cost of every job that uses it.
         """
         sch = bundle.denoiser.schedule
         M = GITS_TEACHER_STEPS
         if n > M:
             raise S.ScheduleError(f"gits selects from {M} calibration steps; ask for at most {M} steps")
-        fine = Grid.from_times(sch, S.karras(sch, M, self.config["rho"]))
-        key = (bundle.name, bundle.weights_hash, bundle.kind, self.config["calib_guidance"], self.config["rho"], M, GITS_SAMPLES)
-        if key not in _GITS_CACHE:
-            _GITS_CACHE[key] = self._gits_cost(bundle, fine)
-        cost, self._train_cost = _GITS_CACHE[key]
+        spec = self.gits_spec(bundle)
+        if spec.key not in artifacts:
+            raise ValueError(f"{self.name}: schedule=gits needs its calibration artifact {spec.label}")
+        cost = np.load(artifacts[spec.key].path / GITS_FILE)
         self.gits_cost = cost
+        fine = Grid.from_times(sch, S.karras(sch, M, self.config["rho"]))
         return fine.t[S.gits_select(cost, n, GITS_COEFF)]
 
-    def _gits_cost(self, bundle: ModelBundle, fine: Grid) -> tuple[np.ndarray, dict[str, float]]:
-        """The GITS cost matrix of one calibration run, and what the run cost."""
-        start = time.perf_counter()
+    @torch.no_grad()
+    def _gits_cost(self, bundle: ModelBundle, guidance: float, rho: float, M: int, samples: int) -> np.ndarray:
+        """The GITS cost matrix of one calibration run of ``samples`` trajectories on a fine Karras grid of ``M`` steps."""
         sch = bundle.denoiser.schedule
-        M = fine.steps
-        gens = make_generators(GITS_SEED, range(GITS_SAMPLES))
+        fine = Grid.from_times(sch, S.karras(sch, M, rho))
+        gens = make_generators(GITS_SEED, range(samples))
         x = make_noise(gens, bundle.sample_shape, bundle.dtype)
-        cond = torch.arange(GITS_SAMPLES) % bundle.num_classes if bundle.num_classes else None
-        model = ODEModel(bundle.denoiser, cond, self.config["calib_guidance"])
+        cond = torch.arange(samples) % bundle.num_classes if bundle.num_classes else None
+        model = ODEModel(bundle.denoiser, cond, guidance)
         frame = Frame(sch)
         tau = frame.tau(fine)
         ys, slopes = [], []
@@ -158,4 +176,4 @@ class GridSolver(MethodAdapter):
             pred = traj[i][None] + dt * slopes[i][None]
             err = (pred - traj[i + 1 :]).flatten(2).norm(dim=2).mean(1)
             cost[i, i + 1 :] = err.numpy()
-        return cost, {"wall_s": time.perf_counter() - start, "optimizer_steps": 0, "teacher_evals": M * GITS_SAMPLES}
+        return cost

@@ -27,6 +27,7 @@ import torch
 
 from bench import schedules as S
 from bench.denoiser import Denoiser, FlowSchedule, Schedule
+from bench.seeds import noise_like  # noqa: F401  (used by the stochastic solvers through core)
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -85,13 +86,6 @@ class ODEModel:
         tt = tt.to(x.device)
         pred = self.denoiser(x, tt, self.cond, self.guidance)
         return self.denoiser.x0_eps(x, tt, pred)
-
-
-def noise_like(x: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """One standard-normal draw per sample from that sample's own generator (batch-size invariant)."""
-    if generators is None or len(generators) != x.shape[0]:
-        raise ValueError("a stochastic solver needs one torch.Generator per sample (the harness passes them)")
-    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generators])
 
 
 class Frame:

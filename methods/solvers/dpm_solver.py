@@ -100,6 +100,6 @@ class DPMSolver(GridSolver):
         orders = self._orders if len(self._orders) == grid.steps else order_list(grid.steps, self.config["order"])
         return sample_dpm_solver(model, x, grid, orders)
 
-    def prepare(self, bundle, steps):
+    def make(self, bundle, steps, artifacts):
         self._orders = self.orders(steps)
-        return super().prepare(bundle, steps)
+        return super().make(bundle, steps, artifacts)

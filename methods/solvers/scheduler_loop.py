@@ -8,13 +8,14 @@ diffusers scheduler that has no counterpart here.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from bench.adapter import MethodAdapter, Sampler
+from bench.bundle import ModelBundle
 from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
-from bench.models import ModelBundle
 
 PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample", "flow": "flow_prediction"}
 
@@ -75,8 +76,7 @@ class SchedulerSolver(MethodAdapter):
         assert cls is not None, f"{self.name} declares {bundle.kind} support without a scheduler"
         return cls(**kw)
 
-    def prepare(self, bundle: ModelBundle, steps: int) -> Sampler:
-        self.check(bundle)
+    def make(self, bundle: ModelBundle, steps: int, artifacts: Mapping[str, Any]) -> Sampler:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
 
