@@ -155,7 +155,7 @@ def fit(
             d = cfg.ema_decay if step >= cfg.warmup else 0.0
             for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
                 pe.lerp_(p, 1 - d)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         if progress is not None:
             progress(step, cfg.steps, losses[-1])

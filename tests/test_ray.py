@@ -188,3 +188,80 @@ def test_worker_killed_without_retries_is_recorded_failed(cluster, tmp_path, mon
     assert df.loc[jid, "status"] == "failed" and "worker lost" in df.loc[jid, "error"]
     record = json.loads((run / "run.json").read_text())
     assert [f["job_id"] for f in record["failed_jobs"]] == [jid]
+
+
+KD_GMM = """
+n_samples: 16
+batch_size: 16
+bootstrap: 5
+models: [{name: gmm, options: {dim: 2}}]
+methods:
+  - {name: kd, steps: [1], knobs: {pairs: [128], teacher_steps: [6], train_steps: [30, 40], batch_size: [32]}}
+  - {name: ddim, steps: [2]}
+steps: [2]
+guidance: [1.0]
+metrics: [exact_mse]
+timing: {warmup: 0}
+"""
+
+
+def test_ray_builds_each_artifact_once_before_the_jobs_that_need_it(cluster, tmp_path, monkeypatch):
+    """Two students share one pairs artifact: three builds, each once, the pairs first; the jobs run
+    after their students, and the job that needs no artifact runs meanwhile."""
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    suite = load_suite(suite_file(tmp_path, KD_GMM, "kdray"))
+    run = run_suite(suite, "k", tmp_path / "res", progress=False, executor="ray", address=cluster.address)
+    df = pd.read_parquet(run / "results.parquet")
+    assert len(df) == 3 and (df["status"] == "ok").all()
+    assert (df[df["method"] == "kd"]["nfe"] == 1.0).all() and df[df["method"] == "kd"]["artifact_id"].nunique() == 2
+    log = read_executions(run)
+    builds = [e["job_id"] for e in log if e["kind"] == "build"]
+    assert len(builds) == 3 == len(set(builds))
+    rec = json.loads((run / "run.json").read_text())
+    pairs = [k for k, v in rec["artifacts"].items() if "kd:pairs" in v["label"]]
+    assert len(pairs) == 1 and builds[0] == f"build:{pairs[0]}"  # the shared parent, built first and once
+    order = [e["job_id"] for e in log]
+    for _, r in df[df["method"] == "kd"].iterrows():
+        assert order.index(r["job_id"]) > order.index(f"build:{r['artifact_id']}")
+    assert sorted(v["status"] for v in rec["artifacts"].values()) == ["built"] * 3
+
+
+def test_two_ray_workers_that_need_the_same_artifact_build_it_once(cluster, tmp_path):
+    """Without a driver to plan it (two workers asking the store at the same moment, on two nodes),
+    the artifact and its parent are still built exactly once: the store's lock."""
+    import time
+
+    root = str(tmp_path / "artifacts")
+
+    def need(root: str, start: float) -> tuple:
+        import os as _os
+        import time as _time
+
+        import ray as _ray
+
+        from bench.artifacts import ArtifactStore, ensure
+        from bench.models import build_model
+        from bench.registry import METHODS
+
+        b = build_model("gmm", dim=2, prediction="eps")
+        kd = METHODS.get("kd")(pairs=512, teacher_steps=20, train_steps=200, batch_size=64)
+        (spec,) = kd.artifacts(b, 1, 1.0)
+        _time.sleep(max(0.0, start - _time.time()))
+        art = ensure(spec, b, ArtifactStore(root))
+        return art.key, art.built, _os.getpid(), _ray.get_runtime_context().get_node_id()
+
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(need)
+        start = time.time() + 5.0
+        res = ray.get([remote.remote(root, start) for _ in range(2)])
+    finally:
+        ray.shutdown()
+    assert res[0][0] == res[1][0] and sorted(r[1] for r in res) == [False, True]
+    assert res[0][3] != res[1][3]  # one worker on each node
+    from bench.artifacts import ArtifactStore
+
+    art = ArtifactStore(Path(root)).get(res[0][0])
+    assert len(art.cost["sessions"]) == 1  # one build, never two racing ones
+    (pairs_key,) = art.record["parents"].values()
+    assert len(ArtifactStore(Path(root)).get(pairs_key).cost["sessions"]) == 1

@@ -79,9 +79,15 @@ def paired_jobs(dir_a: Path, dir_b: Path, metrics: list[str], bundle, bootstrap:
             f"jobs {Path(dir_a).name} and {Path(dir_b).name} do not share seeds "
             f"(seed {ra['seed']}/{rb['seed']}, n {ra['n_samples']}/{rb['n_samples']})"
         )
+    refs = {r.get("reference_set") or None for r in rows}
+    if len(refs) > 1:
+        raise ValueError(
+            f"jobs {Path(dir_a).name} and {Path(dir_b).name} were scored against different reference sets ({sorted(map(str, refs))})"
+        )
+    refset = refs.pop()  # what the jobs were scored against (the held-out digits, in a suite of trained methods)
     n = len(samples[0])
     labels = torch.arange(n) % bundle.num_classes if bundle.num_classes is not None else None
-    ctxs = [MetricContext(s, labels, bundle, bootstrap=bootstrap, seed=int(ra["seed"])) for s in samples]
+    ctxs = [MetricContext(s, labels, bundle, bootstrap=bootstrap, seed=int(ra["seed"]), refset=refset) for s in samples]
     out = []
     for m in metrics:
         ctxs[0].__dict__.pop("rng", None)  # the same draws for every metric

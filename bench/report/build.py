@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import yaml
 
 from bench.paths import REPO
@@ -104,6 +105,7 @@ def build_report(
         + esc("; ".join(f"{m}: {', '.join(c)}" for m, c in lb.mmhm_components.items()))
         + ".</p>"
     )
+    how += reference_sets_html(ok)
     sections.append(
         (
             "reference",
@@ -200,14 +202,14 @@ def build_report(
     if len(failed):
         rows = [[r["model"], config_label(r), str(r.get("error", ""))[:300]] for _, r in failed.iterrows()]
         sections.append(("failed", f"Failed jobs ({len(failed)})", fmt.html_table(["model", "configuration", "error"], rows)))
-    cols = ["model", "configuration", "nfe", "latency/img", "IQR", "FLOPs/img"] + metrics + ["train cost", "job"]
+    cols = ["model", "configuration", "nfe", "latency/img", "IQR", "FLOPs/img"] + metrics + ["train cost", "artifact", "job"]
     rows = []
     for _, r in ok.iterrows():
         rows.append(
             [r["model"], config_label(r), fmt.num(r["nfe"]), fmt.ms(r["latency_per_image_s"]),
              fmt.ms(fmt_div(r.get("latency_iqr_s"), r.get("batch_size"))), fmt.flops(r["flops"])]
             + [fmt.ci(r[m], r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")) for m in metrics]
-            + [fmt.duration(r.get("train_cost_s")), str(r["job_id"])]
+            + [fmt.duration(r.get("train_cost_s")), str(r.get("artifact_id") or "-"), str(r["job_id"])]
         )  # fmt: skip
     sections.append(
         ("all", f"All finished jobs ({len(ok)})", "<details><summary>show</summary>" + fmt.html_table(cols, rows) + "</details>")
@@ -224,6 +226,23 @@ def build_report(
     index = out / "index.html"
     index.write_text(page(f"bench report: {run.suite_name} / {run.run_id}", sections, subtitle))
     return Report(index, sp, cmp)
+
+
+def reference_sets_html(ok: pd.DataFrame) -> str:
+    """Which real-image reference each row's set metrics (FID, KID, precision, recall) used."""
+    if "reference_set" not in ok:
+        return (
+            "<p>Reference set of FID/KID/precision/recall: not recorded by this run (the training digits, on digits models).</p>"
+        )
+    sets = ok["reference_set"].fillna("").replace("", "default").astype(str)
+    parts = [f"<b>{esc(name)}</b> ({n} jobs)" for name, n in sets.value_counts().sort_index().items()]
+    note = ""
+    if (sets == "digits-heldout").any():
+        note = (
+            " <i>digits-heldout</i>: the 500 digits no teacher or student was trained on, so a student that memorised the "
+            "training digits gains nothing by it."
+        )
+    return f"<p>Reference set of the set metrics (FID, KID, precision, recall): {', '.join(parts)}.{note}</p>"
 
 
 def fmt_div(a: object, b: object) -> float:

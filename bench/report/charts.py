@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -161,20 +162,45 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
         ax.set_xlabel("training class (position within a class: measured training cost, log)")
         ax.set_ylabel(f"speedup at matched {speedups.metric} (x reference)")
         ax.set_title(f"{model}\nreference: {speedups.references[model].label}", fontsize=9)
-        missing = sub[~sub["matched"]]["method"].tolist()
-        if missing:
-            ax.text(0.01, 0.01, "no configuration within tolerance: " + ", ".join(missing), transform=ax.transAxes,
-                    fontsize=7, va="bottom", color="0.3")  # fmt: skip
+        # methods with no configuration within tolerance have no speedup at matched quality: they are
+        # shown hollow on the panel's floor, in their training band at their measured cost, never on the y scale
+        unmatched = sub[~sub["matched"]].sort_values("method")
+        floor = ax.get_xaxis_transform()  # x in data, y in axes fraction
+        for k, (_, s) in enumerate(unmatched.iterrows()):
+            band = TRAINING_CLASSES.index(s["training"]) if s["training"] in TRAINING_CLASSES else len(TRAINING_CLASSES)
+            cost = float(s["train_cost_s"] or 0.0)
+            off = (
+                -0.3 + 0.6 * np.log1p(cost) / np.log1p(max_cost)
+                if max_cost > 0 and cost > 0
+                else -0.4 + 0.8 * (k + 0.5) / len(unmatched)
+            )
+            ax.scatter(band + off, 0.04, s=50, facecolor="none", edgecolor=fam_colour.get(s["family"], "black"), lw=1.5,
+                       transform=floor, zorder=3, clip_on=False)  # fmt: skip
+            text = f"{s['method']} (not matched)" + (f"\n{fmt.duration(cost)}" if cost > 0 else "")
+            ax.annotate(
+                text, (band + off, 0.04), xycoords=floor, xytext=(5, 3), textcoords="offset points", fontsize=6.5, color="0.3"
+            )
         ax.grid(alpha=0.3, axis="y")
     fams = sorted(set(t["family"])) if len(t) else []
     handles = [plt.Line2D([], [], color=fam_colour.get(f, "black"), marker="o", ls="", mec="black", label=f) for f in fams]
+    if len(t) and (~t["matched"]).any():
+        handles.append(
+            plt.Line2D(
+                [],
+                [],
+                color="0.3",
+                marker="o",
+                mfc="none",
+                ls="",
+                label="hollow, on the floor:\nno configuration\nwithin tolerance",
+            )
+        )
     if handles:
-        fig.legend(handles=handles, loc="upper right", fontsize=8, title="family", title_fontsize=8)
-    fig.suptitle(
-        f"speedup at matched quality (reference {speedups.cost} / method's) vs training cost\nmatched: {speedups.rule()}",
-        fontsize=10,
-    )
-    fig.tight_layout(rect=(0, 0, 0.9, 0.93))
+        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.995, 0.8), fontsize=8, title="family", title_fontsize=8)
+    rule = textwrap.fill(f"matched: {speedups.rule()}", width=int(24 * fig.get_figwidth()))
+    fig.suptitle(f"speedup at matched quality (reference {speedups.cost} / method's) vs training cost\n{rule}", fontsize=10)
+    top = 1 - (0.12 + 0.16 * (rule.count("\n") + 2)) / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), top))
     for ax, items in labels.items():  # after the layout: placement works in display coordinates
         place_labels(ax, items)
     fig.savefig(path, dpi=100)

@@ -64,7 +64,19 @@ def cost_and_quality(
     m = mm.loc[idx] if idx in mm.index else None
     cells.append("-" if m is None else fmt.ci(m["mmhm"], m["mmhm_ci_low"], m["mmhm_ci_high"], 3))
     cost = r.get("train_cost_s") if train_cost_s is None else train_cost_s
-    return cells + [str(r["training"]), fmt.duration(cost)]
+    return cells + [str(r["training"]), fmt.duration(cost), _teacher_nfe(r), _artifact(r)]
+
+
+def _teacher_nfe(r: pd.Series) -> str:
+    """Teacher network rows spent making the method's artifacts (counted by the harness)."""
+    v = r.get("train_teacher_nfe")
+    return "-" if v is None or pd.isna(v) or not float(v) else f"{int(v):,}"
+
+
+def _artifact(r: pd.Series) -> str:
+    """The artifacts a configuration ran with (their store keys, shortened)."""
+    v = r.get("artifact_id")
+    return ", ".join(k[:10] for k in str(v).split(",")) if isinstance(v, str) and v else "-"
 
 
 def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str]) -> Leaderboard:
@@ -72,7 +84,7 @@ def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str]) 
     its best-quality configuration, unranked)."""
     header = ["rank", "method", "steps", "w", "speedup", "FLOPs speedup", "NFE", "latency/img", "FLOPs/img"]
     header += [f"{m} {'↑' if higher_is_better(m) else '↓'} [95% CI]" for m in metrics]
-    header += ["MMHM [CI from the metric CIs]", "training", "train cost"]
+    header += ["MMHM [CI from the metric CIs]", "training", "train cost", "train teacher NFE", "artifact"]
     tables: dict[str, list[list[str]]] = {}
     classes: dict[str, list[str]] = {}
     refs: dict[str, str] = {}
