@@ -113,7 +113,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
     bundle = build_model(args.model)
     if bundle.num_classes is None:
         raise SystemExit(f"bench samples: {args.model} is not a class-conditional image model")
-    sampler = METHODS.get(args.method)().prepare(bundle, args.steps)
+    sampler = METHODS.get(args.method)().prepare(bundle, args.steps, guidance=args.guidance)
     k = torch.arange(bundle.num_classes * args.per_class)
     labels = k // args.per_class  # one row per class
     gens = generators(args.seed, k.tolist())
