@@ -55,8 +55,9 @@ def test_a_one_step_student_counts_its_own_nfe_and_flops(home):
     b = build_model("gmm", dim=2, prediction="eps")
     row, samples = run_job(kd_job(), b, tiny_suite(["exact_mse"]))
     assert row["nfe"] == 1.0 and row["network_calls"] == 2  # one student forward per batch of 32
-    # MLPStudent(2): Linear(2+16 -> 128), two Linear(128 -> 128), Linear(128 -> 2): 2 FLOPs per multiply-add
-    assert row["flops"] == 2 * (18 * 128 + 2 * 128 * 128 + 128 * 2)
+    # MLPStudent(2): x in (2 -> 128), time embedding (16 -> 128 -> 128), two hidden (128 -> 128), out (128 -> 2):
+    # 2 FLOPs per multiply-add
+    assert row["flops"] == 2 * (2 * 128 + 16 * 128 + 128 * 128 + 2 * 128 * 128 + 128 * 2)
     teacher, _ = run_job(Job(GMM, "ddim", (), 8, 1.0, 0, 64, 32), b, tiny_suite())
     assert teacher["nfe"] == 8 and teacher["flops"] == 0  # the analytic teacher does no matmul
     assert row["train_teacher_nfe"] == 256 * 8 and row["train_steps"] == 2 and row["train_cost_s"] > 0
@@ -438,3 +439,23 @@ timing: {warmup: 0}
     assert (df["reference_set"] == "digits-heldout").all()
     _, (d,) = paired_between(run, df.loc[2, "job_id"], df.loc[4, "job_id"], ["fid"], bootstrap=5)
     assert d.a == pytest.approx(df.loc[2, "fid"], rel=1e-12) and d.b == pytest.approx(df.loc[4, "fid"], rel=1e-12)
+
+
+def test_extra_inputs_start_as_the_teacher_and_then_matter():
+    """A student with new inputs (w, a second time s) computes exactly its teacher's output until
+    the zero-initialised last layers of the new embeddings move."""
+    import copy
+
+    from bench.models.students import ExtraInputs, MLPStudent
+
+    for name in ("digits-unet", "digits-dit"):
+        net = build_model(name).denoiser.net
+        student = ExtraInputs(copy.deepcopy(net), ("w", "s"))
+        x, t, c = torch.randn(3, 1, 16, 16), torch.tensor([500.0, 300.0, 10.0]), torch.tensor([1, 2, 3])
+        assert torch.equal(student(x, t, c, guidance=2.0, s=torch.tensor([100.0, 50.0, 0.0])), net(x, t, c))
+        torch.nn.init.normal_(student.embeds["w"][2].weight)
+        assert not torch.equal(student(x, t, c, guidance=2.0), net(x, t, c))
+        assert torch.equal(student(x, t, c), net(x, t, c))  # an input not given adds nothing
+    mlp = MLPStudent(2)
+    x, t = torch.randn(4, 2), torch.full((4,), 500.0)
+    assert torch.equal(ExtraInputs(mlp, ("s",))(x, t, s=t), mlp(x, t))
