@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -151,3 +152,42 @@ def teacher_pairs(ctx: BuildContext, solver: str, steps: int, n: int, guidance: 
 
 def load_pairs(art: Artifact) -> dict[str, torch.Tensor]:
     return load_file(str(art.path / PAIRS_FILE))
+
+
+def uniform_times(den: Denoiser, n: int, g: torch.Generator, lo: float = 0.02, hi: float = 0.98) -> torch.Tensor:
+    """``n`` native times uniform over the fraction [lo, hi] of the schedule's range (DMD's
+    [0.02 T, 0.98 T]), float64, from the generator ``g``."""
+    T = float(den.schedule.num_train_timesteps)
+    u = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+    t0 = den.t_data
+    return t0 + u * (T - (1.0 if t0 < 0 else 0.0) - t0)
+
+
+def prediction_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """What a network of parametrisation ``prediction`` should output at x_t = a x0 + s eps."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":  # Salimans & Ho 2022
+        return a * eps - s * x0
+    return eps - x0  # flow velocity
+
+
+def denoising_loss(
+    den: Denoiser,
+    net: nn.Module,
+    x0: torch.Tensor,
+    cond: torch.Tensor | None,
+    g: torch.Generator,
+    t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The diffusion (denoising score matching) loss of ``net`` in ``den``'s parametrisation and
+    schedule on clean samples ``x0``: x_t = alpha_t x0 + sigma_t eps at times ``t`` (default uniform,
+    :func:`uniform_times`), mean squared error to the parametrisation's target. A fake-score network
+    (DMD, DMD2, SiD) is trained with it on the generator's samples."""
+    t = uniform_times(den, x0.shape[0], g) if t is None else t
+    eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+    a, s = den.alpha_sigma(t, x0)
+    pred = net(a * x0 + s * eps, t, cond)
+    return F.mse_loss(pred, prediction_target(den.prediction, x0, eps, a, s).to(pred.dtype))

@@ -459,3 +459,20 @@ def test_extra_inputs_start_as_the_teacher_and_then_matter():
     mlp = MLPStudent(2)
     x, t = torch.randn(4, 2), torch.full((4,), 500.0)
     assert torch.equal(ExtraInputs(mlp, ("s",))(x, t, s=t), mlp(x, t))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_denoising_targets_convert_back_to_the_clean_sample_and_noise(prediction):
+    """The fake-score loss's target in each parametrisation is what the denoiser converts to the
+    true (x0, eps) at that time: the loss is the right one whatever the network predicts."""
+    from bench.students import prediction_target
+
+    sch = FlowSchedule() if prediction == "flow" else VPSchedule.linear()
+    den = Denoiser(torch.nn.Identity(), prediction, sch)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([10.0, 200.0, 500.0, 800.0, 990.0], dtype=torch.float64)
+    a, s = den.alpha_sigma(t, x0)
+    got_x0, got_eps = den.x0_eps(a * x0 + s * eps, t, prediction_target(prediction, x0, eps, a, s))
+    torch.testing.assert_close(got_x0, x0)
+    torch.testing.assert_close(got_eps, eps)
