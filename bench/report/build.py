@@ -143,10 +143,12 @@ def build_report(
         (out / "cache_speedups.md").write_text(cache_speedups_markdown(cs))
 
     # speedup versus training cost
-    png = speedup_figure(sp, out / "speedup_vs_training.png")
+    costs = teacher_costs(sorted(ok["model"].unique()))
+    png = speedup_figure(sp, out / "speedup_vs_training.png", costs)
     cap = (
         f"One point per method: y = speedup at matched quality ({esc(sp.rule())}), "
         "x = training class, position within the class by measured training cost; colours: family."
+        + (" Star: the teacher network's own training (its committed record), for scale." if costs else "")
     )
     sections.append(("speedup", "Speedup versus training cost", figure(png, cap, "speedup versus training cost")))
 
@@ -226,6 +228,19 @@ def build_report(
     index = out / "index.html"
     index.write_text(page(f"bench report: {run.suite_name} / {run.run_id}", sections, subtitle))
     return Report(index, sp, cmp)
+
+
+def teacher_costs(models: list[str]) -> dict[str, float]:
+    """Wall seconds of each embedded teacher's own training, from the record committed beside its
+    weights (``bench/assets/<name>.json``); models without one (a diffusers pipeline) are left out."""
+    out = {}
+    for label in models:
+        rec = REPO / "bench" / "assets" / f"{str(label).split('[')[0]}.json"
+        try:
+            out[label] = float(json.loads(rec.read_text())["wall_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def reference_sets_html(ok: pd.DataFrame) -> str:

@@ -123,14 +123,17 @@ def pareto_figure(ok: pd.DataFrame, model: str, metrics: list[str], path: Path, 
     return path
 
 
-def speedup_figure(speedups: Speedups, path: Path) -> Path:
+def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, float] | None = None) -> Path:
     """Speedup at matched quality (y) against training class and measured training cost (x), one
-    point per method, coloured by family; the closing chart of the seed talk."""
+    point per method, coloured by family; the closing chart of the seed talk. ``teacher_costs``
+    (model -> seconds): the teacher network's own training, drawn for scale in the full-training
+    band at 1x (the reference sampler runs that network)."""
     t = speedups.table
+    teacher_costs = teacher_costs or {}
     models = sorted(t["model"].unique()) if len(t) else []
     fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.5 * max(len(models), 1), 4.8), squeeze=False)
     fam_colour = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
-    max_cost = float(t["train_cost_s"].max()) if len(t) else 0.0
+    max_cost = max([float(t["train_cost_s"].max()) if len(t) else 0.0, *teacher_costs.values()])
     labels: dict[Any, list[tuple[float, float, str]]] = {}
     for ax, model in zip(axes[0], models, strict=False):
         sub = t[t["model"] == model]
@@ -150,6 +153,11 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
                 ref = " (ref)" if s["is_reference_method"] else ""
                 cost = f"\n{fmt.duration(s['train_cost_s'])}" if s["train_cost_s"] > 0 else ""
                 labels.setdefault(ax, []).append((xpos, float(s["speedup"]), f"{s['method']}{ref}{cost}"))
+        if model in teacher_costs:  # the teacher's own training, for scale
+            band = TRAINING_CLASSES.index("full")
+            xpos = band - 0.3 + 0.6 * np.log1p(teacher_costs[model]) / np.log1p(max_cost)
+            ax.scatter(xpos, 1.0, s=130, marker="*", color="0.25", zorder=3)
+            labels.setdefault(ax, []).append((xpos, 1.0, f"teacher's own\ntraining {fmt.duration(teacher_costs[model])}"))
         ax.axhline(1.0, color="black", lw=0.8, ls=":")
         ax.set_xticks(range(len(TRAINING_CLASSES)), [TRAINING_NAMES[c] for c in TRAINING_CLASSES], fontsize=8)
         ax.set_xlim(-0.5, len(TRAINING_CLASSES) - 0.5)
@@ -183,6 +191,10 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     fams = sorted(set(t["family"])) if len(t) else []
     handles = [plt.Line2D([], [], color=fam_colour.get(f, "black"), marker="o", ls="", mec="black", label=f) for f in fams]
+    if teacher_costs:
+        handles.append(
+            plt.Line2D([], [], color="0.25", marker="*", ls="", ms=10, label="the teacher network's\nown training (1x)")
+        )
     if len(t) and (~t["matched"]).any():
         handles.append(
             plt.Line2D(
@@ -199,7 +211,7 @@ def speedup_figure(speedups: Speedups, path: Path) -> Path:
         fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.995, 0.8), fontsize=8, title="family", title_fontsize=8)
     rule = textwrap.fill(f"matched: {speedups.rule()}", width=int(24 * fig.get_figwidth()))
     fig.suptitle(f"speedup at matched quality (reference {speedups.cost} / method's) vs training cost\n{rule}", fontsize=10)
-    top = 1 - (0.12 + 0.16 * (rule.count("\n") + 2)) / fig.get_figheight()
+    top = 1 - (0.08 + 0.15 * (rule.count("\n") + 2)) / fig.get_figheight()
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), top))
     for ax, items in labels.items():  # after the layout: placement works in display coordinates
         place_labels(ax, items)
