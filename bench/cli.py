@@ -12,9 +12,18 @@ from bench.registry import METHODS, METRICS, MODELS, SUITES, UnknownNameError
 REGISTRIES = {"methods": METHODS, "models": MODELS, "metrics": METRICS, "suites": SUITES}
 
 
+def _meta_value(v: object) -> object:
+    """A registry metadata value as JSON: paths as strings, an options schema as option -> description."""
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, type) and hasattr(v, "describe"):
+        return v.describe()
+    return v
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     reg = REGISTRIES[args.what]
-    entries = [{"name": e.name, **{k: (str(v) if isinstance(v, Path) else v) for k, v in e.meta.items()}} for e in reg]
+    entries = [{"name": e.name, **{k: _meta_value(v) for k, v in e.meta.items()}} for e in reg]
     if args.what == "suites":
         for d, e in zip(entries, reg, strict=True):
             d["path"] = str(e.obj)
@@ -152,6 +161,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             quality_tol=args.match_tol,
             cost=args.cost,
             match_ci=not args.no_match_ci,
+            match=args.match,
             progress=True,
         )
     except RunError as e:
@@ -271,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", help="quality metric for matched quality (default: the suite's first metric)")
     s.add_argument("--match-tol", type=float, default=0.10, help="relative quality tolerance for matched quality (0.10)")
     s.add_argument("--no-match-ci", action="store_true", help="match on the tolerance alone, not widened by the reference's CI")
+    s.add_argument(
+        "--match",
+        choices=["ci", "paired"],
+        default="ci",
+        help="matched quality: 'ci' (within the tolerance plus the reference's CI) or 'paired' (the paired 95%% CI of the "
+        "difference over the same seeds excludes a loss beyond the tolerance)",
+    )
     s.add_argument("--cost", default="latency_per_image_s", choices=["latency_per_image_s", "nfe", "flops"], help="speedup cost")
     s.add_argument("--screenshot", action="store_true", help="open the page in headless Chromium, check it, save screenshot.png")
     s.set_defaults(fn=cmd_report)

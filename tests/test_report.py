@@ -181,3 +181,36 @@ def test_paired_section_against_the_reference(tmp_path):
         diff, lo, hi = (float(v) for v in cells[4].replace("[", " ").replace("]", " ").replace(",", " ").split())
         assert diff == pytest.approx(row["fid"] - ref["fid"], rel=1e-3, abs=1e-3)
         assert lo <= diff <= hi and hi - lo < min(row["fid_ci_high"] - row["fid_ci_low"], ref["fid_ci_high"] - ref["fid_ci_low"])
+
+
+def test_paired_matching_rule_by_hand():
+    from bench.report.matched import paired_within_tolerance
+
+    assert paired_within_tolerance((-0.1, 0.05), 1.0, higher=False, tol=0.1)  # worst case +0.05 <= 0.1
+    assert not paired_within_tolerance((0.02, 0.15), 1.0, higher=False, tol=0.1)  # could be 15% worse
+    assert paired_within_tolerance((-0.08, 0.3), 1.0, higher=True, tol=0.1)  # higher is better: worst loss 0.08
+    assert not paired_within_tolerance((-0.2, 0.3), 1.0, higher=True, tol=0.1)
+    assert not paired_within_tolerance(None, 1.0, higher=False, tol=0.1)  # no paired samples: no match
+
+
+def test_matched_quality_decided_by_the_paired_difference(tmp_path):
+    """--match paired: a configuration matches when its paired 95% interval against the reference
+    (same seeds) stays within the tolerance; the rule is stated on the page."""
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    path = tmp_path / "q.yaml"
+    path.write_text(
+        "name: q\nn_samples: 40\nbatch_size: 40\nbootstrap: 20\nmodels: [digits-unet]\nmethods: [ddim]\n"
+        "steps: [2, 8]\nguidance: [1.0]\nmetrics: [fid]\ntiming: {warmup: 0}\n"
+        "reference: {model: digits-unet, method: ddim, steps: 8, guidance: 1.0}\n"
+    )
+    run = run_suite(load_suite(path), "q", tmp_path / "res", progress=False)
+    strict = build_report(run, out=tmp_path / "r1", match="paired", quality_tol=0.1, cost="nfe")
+    loose = build_report(run, out=tmp_path / "r2", match="paired", quality_tol=100.0, cost="nfe")
+    row = lambda rep: rep.speedups.table.iloc[0]  # noqa: E731
+    assert strict.speedups.paired and "paired 95% CI" in strict.index.read_text()
+    assert row(strict)["speedup_nfe"] == 1.0  # 2 steps is far worse than 8 over the same seeds: only the reference matches
+    assert row(loose)["speedup_nfe"] == 4.0  # with a huge tolerance the 2-step job matches
+    with pytest.raises(RunError, match="match must be"):
+        build_report(run, out=tmp_path / "r3", match="both")

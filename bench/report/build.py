@@ -21,7 +21,7 @@ from bench.report.html import esc, figure, page
 from bench.report.leaderboard import build_leaderboard
 from bench.report.matched import DEFAULT_QUALITY_TOL, ReferenceSpec, Speedups, choose_references, matched_speedups, specs_from
 from bench.report.paired import HEADER as PAIRED_HEADER
-from bench.report.paired import paired_rows
+from bench.report.paired import paired_intervals, paired_rows
 
 if TYPE_CHECKING:
     from bench.compare import Comparison
@@ -51,6 +51,7 @@ def build_report(
     quality_tol: float = DEFAULT_QUALITY_TOL,
     cost: str = "latency_per_image_s",
     match_ci: bool = True,
+    match: str = "ci",
     compare_quality_tol: float | None = None,
     compare_speed_tol: float | None = None,
     progress: bool = False,
@@ -88,7 +89,16 @@ def build_report(
     suite = run.record.get("suite") or {}
     specs = list(reference) or specs_from(suite.get("reference"))
     refs = choose_references(ok, metric, specs)
-    sp = matched_speedups(ok, metric, refs, quality_tol, cost, match_ci)
+    if match not in ("ci", "paired"):
+        raise RunError(f"match must be 'ci' or 'paired', got {match!r}")
+    pairs = None
+    if match == "paired":
+        pairs = paired_intervals(run, ok, metric, refs, bootstrap=int((run.record.get("suite") or {}).get("bootstrap") or 100))
+    if match == "paired" and not pairs:
+        raise RunError(
+            f"--match paired needs the run's samples and a pairable metric ({metric!r} cannot be paired here); use --match ci"
+        )
+    sp = matched_speedups(ok, metric, refs, quality_tol, cost, match_ci, pairs)
     palette = colours(sorted({method_label(r) for _, r in ok.iterrows()}))
     lb = build_leaderboard(ok, sp, metrics)
     sections: list[tuple[str, str, str]] = []

@@ -231,11 +231,27 @@ class Speedups:
     cost: str = "latency_per_image_s"
     match_ci: bool = True
     notes: list[str] = field(default_factory=list)
+    paired: bool = False
 
     def rule(self) -> str:
         """The matching rule in words, for reports."""
+        if self.paired:
+            return (
+                f"paired 95% CI of {self.metric} minus the reference's, over the same seeds, excludes a loss of more than "
+                f"{self.tol:.0%} of the reference value"
+            )
         ci = " plus the half-width of the reference's 95% CI on the worse side" if self.match_ci else ""
         return f"{self.metric} is no worse than the reference's by more than {self.tol:.0%} of the reference value{ci}"
+
+
+def paired_within_tolerance(ci: tuple[float, float] | None, ref: float, higher: bool, tol: float) -> bool:
+    """A configuration matches by the paired rule when the worse end of the paired 95% interval of
+    (configuration - reference) is no worse than ``tol * |ref|``; no interval: no match."""
+    if ci is None or not np.isfinite(ref):
+        return False
+    lo, hi = ci
+    worst = -lo if higher else hi
+    return bool(np.isfinite(worst)) and worst <= tol * abs(ref) + 1e-12 * max(1.0, abs(ref))
 
 
 def matched_speedups(
@@ -245,10 +261,12 @@ def matched_speedups(
     tol: float = DEFAULT_QUALITY_TOL,
     cost: str = "latency_per_image_s",
     match_ci: bool = True,
+    paired: Mapping[int, tuple[float, float]] | None = None,
 ) -> Speedups:
     """For each method of each model, the cheapest configuration that matches the reference's
-    quality (``tol`` plus, with ``match_ci``, the reference's CI half-width), and reference cost /
-    its cost (also in NFE, FLOPs and latency).
+    quality (``tol`` plus, with ``match_ci``, the reference's CI half-width; or, given ``paired``
+    intervals of each row's difference to its reference over the same seeds, by
+    :func:`paired_within_tolerance`), and reference cost / its cost (also in NFE, FLOPs and latency).
 
     Methods with no matching configuration get ``matched=False``, NaN speedups, and their
     best-quality configuration in ``row`` (so the leaderboard can still show it).
@@ -264,7 +282,14 @@ def matched_speedups(
         r = ok.loc[ref.index]
         for method, mrows in rows.groupby("method", sort=True):
             lo, hi = (float(r.get(f"{metric}_ci_{e}", np.nan)) if match_ci else np.nan for e in ("low", "high"))
-            match = mrows[[within_tolerance(float(q), float(r[metric]), higher, tol, lo, hi) for q in mrows[metric]]]
+            if paired is not None:
+                ok_rows = [
+                    idx == ref.index or paired_within_tolerance(paired.get(idx), float(r[metric]), higher, tol)
+                    for idx in mrows.index
+                ]
+            else:
+                ok_rows = [within_tolerance(float(q), float(r[metric]), higher, tol, lo, hi) for q in mrows[metric]]
+            match = mrows[ok_rows]
             rec: dict[str, Any] = {
                 "model": model,
                 "method": method,
@@ -298,4 +323,4 @@ def matched_speedups(
         table = table.sort_values(["model", "matched", "speedup"], ascending=[True, False, False], kind="stable").reset_index(
             drop=True
         )
-    return Speedups(table, references, metric, tol, cost, match_ci)
+    return Speedups(table, references, metric, tol, cost, match_ci, paired=paired is not None)

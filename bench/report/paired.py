@@ -44,3 +44,28 @@ def paired_rows(run: Run, ok: pd.DataFrame, sp: Speedups, bootstrap: int = 100) 
                 [model, config_label(r), fmt.num(d.a), fmt.num(d.b), fmt.ci(d.diff.value, d.diff.ci_low, d.diff.ci_high), verdict]
             )
     return rows
+
+
+def paired_intervals(
+    run: Run, ok: pd.DataFrame, metric: str, references: dict[str, Any], bootstrap: int = 100
+) -> dict[int, tuple[float, float]]:
+    """For every finished row (by index) of each model, the paired 95% interval of its ``metric``
+    minus its model's reference's, over the shared seeds (the reference itself: (0, 0)); rows whose
+    samples are not on disk are left out."""
+    out: dict[int, tuple[float, float]] = {}
+    if run.run_dir is None or not pairable(metric):
+        return out
+    for model, ref in references.items():
+        r0 = ok.loc[ref.index]
+        bundle: Any = None
+        for idx, r in ok[ok["model"] == model].iterrows():
+            if r["job_id"] == r0["job_id"]:
+                out[int(idx)] = (0.0, 0.0)
+                continue
+            jobs = [run.run_dir / "jobs" / str(j) / "samples.npy" for j in (r["job_id"], r0["job_id"])]
+            if not all(p.is_file() for p in jobs):
+                continue
+            bundle = bundle if bundle is not None else run_bundle(run.record, model)
+            (d,) = paired_from_run(run.run_dir, str(r["job_id"]), str(r0["job_id"]), [metric], bundle, bootstrap)
+            out[int(idx)] = (float(d.diff.ci_low), float(d.diff.ci_high))
+    return out
