@@ -1,0 +1,1 @@
+"""Consistency models and flow maps: students that jump along the teacher's ODE in one or a few steps (one file per method)."""
