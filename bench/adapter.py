@@ -13,6 +13,7 @@ harness builds each once, before the jobs that need it, and hands the finished o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -52,6 +53,8 @@ class Knob:
             value = float(value)
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
             raise KnobError(f"knob {self.name!r} must be {self.type.__name__}, got {type(value).__name__} {value!r}")
+        if self.type is float and not math.isfinite(value):
+            raise KnobError(f"knob {self.name!r} must be a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise KnobError(f"knob {self.name!r} must be one of {list(self.choices)}, got {value!r}")
         if self.low is not None and value < self.low or self.high is not None and value > self.high:

@@ -7,9 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from bench.paths import PathEscapeError, within
 from bench.registry import METHODS, METRICS, MODELS, SUITES, UnknownNameError
 
 REGISTRIES = {"methods": METHODS, "models": MODELS, "metrics": METRICS, "suites": SUITES}
+
+# Exit codes (README, "Exit codes"): one meaning each, for every command.
+EXIT_OK = 0
+EXIT_REGRESSION = 1  # bench compare / report --baseline found a regression
+EXIT_INPUT = 2  # bad input: a suite, an argument, a file that cannot be read (the message names it and the fix)
+EXIT_FAILED_JOBS = 3  # bench run / build finished, but some jobs or builds failed (listed)
 
 
 def _meta_value(v: object) -> object:
@@ -63,12 +70,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite)
     if args.resume and args.run_id and args.resume != args.run_id:
-        raise SystemExit(f"bench run: --resume {args.resume} and --run-id {args.run_id} differ; pass one of them")
+        print(f"bench run: --resume {args.resume} and --run-id {args.run_id} differ; pass one of them", file=sys.stderr)
+        return EXIT_INPUT
     results = Path(args.results or RESULTS)
-    if args.resume and not (results / suite.name / args.resume / "run.json").is_file():
-        raise SystemExit(
-            f"bench run: no run {args.resume!r} of suite {suite.name} under {results}; check `ls {results / suite.name}`"
+    if args.resume and not (within(results, suite.name, args.resume) / "run.json").is_file():
+        print(
+            f"bench run: no run {args.resume!r} of suite {suite.name} under {results}; check `ls {results / suite.name}`",
+            file=sys.stderr,
         )
+        return EXIT_INPUT
     run_dir = run_suite(
         suite,
         run_id=args.resume or args.run_id,
@@ -87,15 +97,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     png, md = write_summary(run_dir)
     import pandas as pd
 
+    from bench.summary import failure_lines
+
     df = pd.read_parquet(run_dir / "results.parquet")
-    failed = df[df["status"] != "ok"]
-    print(f"\nresults: {run_dir / 'results.parquet'} ({len(df)} jobs, {len(failed)} failed)")
+    failures = failure_lines(df)
+    print(f"\nresults: {run_dir / 'results.parquet'} ({len(df)} jobs, {len(failures)} failed)")
     print(f"run record: {run_dir / 'run.json'}")
-    print(f"plot: {png}")
+    print(f"plot: {png if png is not None else 'none (no job finished with a metric value)'}")
     print(f"table: {md}")
-    for _, r in failed.iterrows():
-        print(f"  FAILED {r['model']} {r['method']} {r['steps']} steps w={r['guidance']}: {r['error']}")
-    return 1 if len(failed) else 0
+    for line in failures:
+        print(f"  {line}")
+    if failures:
+        print(
+            f"bench run: {len(failures)} of {len(df)} jobs failed (errors above and in {md}); fix the cause and "
+            f"`bench run {args.suite} --resume {run_dir.name}` runs them again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_JOBS
+    return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -323,13 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     from bench.executors import ExecutorError
     from bench.io import WeightsError
     from bench.models.pipelines import PipelineError
+    from bench.report.data import RunError
     from bench.suite import SuiteError
 
     try:
         return args.fn(args)
-    except (SuiteError, UnknownNameError, WeightsError, ExecutorError, PipelineError) as e:
+    except (SuiteError, UnknownNameError, WeightsError, ExecutorError, PipelineError, PathEscapeError, RunError) as e:
         print(f"bench: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
 
 
 if __name__ == "__main__":

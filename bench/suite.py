@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -15,43 +17,15 @@ from typing import Any
 
 import yaml
 
-from bench.adapter import KnobError
 from bench.codeversion import code_version
 from bench.paths import REPO
-from bench.registry import METHODS, METRICS, MODELS, SUITES, UnknownNameError
+from bench.registry import METHODS, METRICS, MODELS, SUITES
+from bench.schema import KEYS, MAX_INCLUDES, MAX_JOBS, SuiteError, read_yaml, validate
+
+__all__ = ["KEYS", "Job", "MethodSpec", "ModelSpec", "Suite", "SuiteError", "expand", "load_suite", "suite_path"]
 
 SUITE_DIR = REPO / "suites"
 TRAINED_CLASSES = ("finetune", "full")  # methods whose students could memorise the training data
-KEYS = {
-    "name": "suite name (defaults to the file name)",
-    "description": "free text",
-    "include": "another suite file to start from (relative to this one)",
-    "seed": "int, base seed; sample k uses (seed, k)",
-    "n_samples": "int, samples per job",
-    "batch_size": "int, samples per sampler call",
-    "bootstrap": "int, bootstrap resamples for confidence intervals",
-    "models": "list of model names or {name, options}",
-    "methods": "list of method names or {name, knobs: {knob: [values]}, steps: [ints] (default: the suite's steps)}",
-    "steps": "list of ints",
-    "guidance": "list of floats (1.0 = no classifier-free guidance)",
-    "metrics": "list of metric names",
-    "optional_metrics": "list of metric names recorded as missing (not failed) when they cannot run",
-    "timing": "{warmup: int}",
-    "executor": "local or ray (bench run --executor overrides it)",
-    "reference_set": "reference set of the set metrics: digits-train or digits-heldout for fid/kid/precision/recall on "
-    "digits (default digits-train; digits-heldout when the suite has a trained method), or the real-image set of "
-    "fid_inception/kid_inception/cmmd (see `bench ref list`)",
-    "reference": "{method, steps, guidance[, knobs][, model]} or a list of them: the reference configuration for "
-    "speedup at matched quality in reports (default: the highest-NFE training-free solver)",
-}
-
-
-class SuiteError(ValueError):
-    """All problems found in a suite, one per line, each with its YAML path."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(f"suite {source} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -171,219 +145,80 @@ def suite_path(name_or_path: str | Path) -> Path:
 
 
 def _load_yaml(path: Path, where: str, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The suite file's mapping with its ``include:`` chain merged in (this file's keys win)."""
     if not path.is_file():
         raise SuiteError(where, [f"{where}: file not found: {path}; fix the path (relative to the including file)"])
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SuiteError(str(path), [f"not valid YAML: {e}"]) from e
+    data = read_yaml(path)
+    if data is None:
+        raise SuiteError(str(path), ["the file is empty; fix: give at least models, methods, steps, guidance and metrics"])
     if not isinstance(data, dict):
-        raise SuiteError(str(path), [f"top level must be a mapping of {', '.join(KEYS)}"])
+        raise SuiteError(str(path), [f"the top level must be a mapping of {', '.join(KEYS)}, got {type(data).__name__}"])
     inc = data.pop("include", None)
     if inc is not None:
-        if not isinstance(inc, str):
-            raise SuiteError(str(path), ["include: must be a file name (string)"])
+        if not isinstance(inc, str) or not inc or len(inc) > 4096 or "\0" in inc:
+            raise SuiteError(str(path), ["include: must be a file name (string), relative to this file"])
         target = (path.parent / inc).resolve()
         if target in chain:
-            raise SuiteError(str(path), [f"include: {inc} includes itself in a cycle"])
+            raise SuiteError(str(path), [f"include: {inc} includes itself in a cycle; remove the include"])
+        if len(chain) >= MAX_INCLUDES:
+            raise SuiteError(str(path), [f"include: more than {MAX_INCLUDES} files deep; flatten the include chain"])
         base = _load_yaml(target, f"{path}: include", (*chain, target))
         data = {**base, **data}
     return data
 
 
+def _default_name(path: Path) -> str:
+    """The suite's name when it gives none: its file name, made safe for a directory name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).lstrip("._-")[:64]
+    return name or "suite"
+
+
 def load_suite(name_or_path: str | Path) -> Suite:
-    """Read, validate and resolve a suite; raises :class:`SuiteError` listing every problem."""
+    """Read, validate and resolve a suite; raises :class:`SuiteError` listing every problem
+    (the schema and its limits: :mod:`bench.schema`)."""
     path = suite_path(name_or_path)
     raw = _load_yaml(path, str(path), (path.resolve(),))
-    problems: list[str] = []
-
-    def typed(key: str, typ: type, default: Any, minimum: int | None = None) -> Any:
-        v = raw.get(key, default)
-        ok = isinstance(v, typ) and not (typ is int and isinstance(v, bool))
-        if typ is float and isinstance(v, int) and not isinstance(v, bool):
-            v, ok = float(v), True
-        if not ok:
-            problems.append(f"{key}: expected {typ.__name__}, got {type(v).__name__} {v!r}; fix: {KEYS[key]}")
-            return default
-        if minimum is not None and v < minimum:
-            problems.append(f"{key}: must be at least {minimum}, got {v}")
-        return v
-
-    def typed_list(key: str, typ: type, required: bool = True, minimum: float | None = None) -> list[Any]:
-        v = raw.get(key, [] if not required else None)
-        if v is None:
-            problems.append(f"{key}: missing; fix: add `{key}:` ({KEYS[key]})")
-            return []
-        if not isinstance(v, list):
-            v = [v]
-        out = []
-        for i, item in enumerate(v):
-            if typ is float and isinstance(item, int) and not isinstance(item, bool):
-                item = float(item)
-            if not isinstance(item, typ) or isinstance(item, bool):
-                problems.append(f"{key}[{i}]: expected {typ.__name__}, got {type(item).__name__} {item!r}; fix: {KEYS[key]}")
-            elif minimum is not None and item < minimum:
-                problems.append(f"{key}[{i}]: must be at least {minimum}, got {item}")
-            else:
-                out.append(item)
-        return out
-
-    for key in raw:
-        if key not in KEYS:
-            problems.append(f"{key}: unknown key; valid keys: {', '.join(KEYS)}")
-
-    models: list[ModelSpec] = []
-    for i, m in enumerate(raw.get("models") or []):
-        where = f"models[{i}]"
-        name, opts = (
-            (m, {}) if isinstance(m, str) else (m.get("name"), m.get("options") or {}) if isinstance(m, dict) else (None, {})
-        )
-        if not isinstance(name, str):
-            problems.append(f"{where}: expected a model name or {{name, options}}, got {m!r}")
-            continue
-        try:
-            entry = MODELS.entry(name)
-        except UnknownNameError as e:
-            problems.append(f"{where}.name: {e}")
-            continue
-        if entry.meta.get("kind") == "classifier":
-            problems.append(f"{where}.name: {name!r} is a feature network, not a generative model")
-            continue
-        if not isinstance(opts, dict):
-            problems.append(f"{where}.options: expected a mapping, got {opts!r}")
-            continue
-        bad = sorted(set(opts) - set(entry.meta.get("options", {})))
-        if bad:
-            problems.append(f"{where}.options.{bad[0]}: unknown option; {name} takes: {', '.join(entry.meta.get('options', {}))}")
-            continue
-        w = opts.get("weights")
-        if w is not None:
-            wp = (path.parent / w) if not Path(w).is_absolute() else Path(w)
-            if not wp.is_file():
-                problems.append(
-                    f"{where}.options.weights: file not found: {wp}; fix the path or remove it to use the committed weights"
-                )
-                continue
-            opts = {**opts, "weights": str(wp)}
-        models.append(ModelSpec(name, dict(opts)))
-    if not raw.get("models"):
-        problems.append("models: missing or empty; fix: list at least one of " + ", ".join(MODELS.names()))
-
-    methods: list[MethodSpec] = []
-    for i, m in enumerate(raw.get("methods") or []):
-        where = f"methods[{i}]"
-        name, grid = (
-            (m, {}) if isinstance(m, str) else (m.get("name"), m.get("knobs") or {}) if isinstance(m, dict) else (None, {})
-        )
-        if not isinstance(name, str):
-            problems.append(f"{where}: expected a method name or {{name, knobs, steps}}, got {m!r}")
-            continue
-        own_steps = m.get("steps") if isinstance(m, dict) else None
-        if isinstance(m, dict):
-            bad_keys = sorted(set(m) - {"name", "knobs", "steps"})
-            if bad_keys:
-                problems.append(f"{where}.{bad_keys[0]}: unknown key; a method entry takes name, knobs, steps")
-                continue
-        if own_steps is not None:
-            own_steps = own_steps if isinstance(own_steps, list) else [own_steps]
-            if not own_steps or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in own_steps):
-                problems.append(f"{where}.steps: expected a non-empty list of ints >= 1, got {own_steps!r}")
-                continue
-        try:
-            cls = METHODS.get(name)
-        except UnknownNameError as e:
-            problems.append(f"{where}.name: {e}")
-            continue
-        if not isinstance(grid, dict):
-            problems.append(f"{where}.knobs: expected a mapping of knob -> list of values, got {grid!r}")
-            continue
-        grid = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
-        ok = True
-        for k, values in grid.items():
-            for j, v in enumerate(values):
-                try:
-                    cls.resolve_knobs({k: v})
-                except KnobError as e:
-                    problems.append(f"{where}.knobs.{k}[{j}]: {e}")
-                    ok = False
-        if ok:
-            methods.append(MethodSpec(name, grid, own_steps))
-    if not raw.get("methods"):
-        problems.append("methods: missing or empty; fix: list methods (see `bench list methods`)")
-
-    steps = typed_list("steps", int, minimum=1)
-    guidance = typed_list("guidance", float, minimum=0.0)
-    metrics = typed_list("metrics", str)
-    optional = typed_list("optional_metrics", str, required=False)
-    for key, names in (("metrics", metrics), ("optional_metrics", optional)):
-        for i, n in enumerate(names):
-            try:
-                METRICS.entry(n)
-            except UnknownNameError as e:
-                problems.append(f"{key}[{i}]: {e}")
-    timing = raw.get("timing") or {}
-    warmup = timing.get("warmup", 1) if isinstance(timing, dict) else None
-    if not isinstance(warmup, int) or warmup < 0:
-        problems.append(f"timing.warmup: expected an int >= 0, got {warmup!r}")
-        warmup = 1
-    executor = typed("executor", str, "local")
-    if executor not in ("local", "ray"):
-        problems.append(f"executor: {executor!r} is not available; use 'local' or 'ray'")
-
+    doc, problems = validate(raw, path.parent)
+    if doc is None:
+        raise SuiteError(str(path), problems)
     suite = Suite(
-        name=typed("name", str, path.stem),
+        name=doc.name or _default_name(path),
         source=str(path),
-        models=models,
-        methods=methods,
-        steps=steps,
-        guidance=guidance,
-        metrics=metrics,
-        optional_metrics=optional,
-        seed=typed("seed", int, 0, 0),
-        n_samples=typed("n_samples", int, 256, 2),
-        batch_size=typed("batch_size", int, 64, 1),
-        bootstrap=typed("bootstrap", int, 50, 0),
-        warmup=warmup,
-        description=typed("description", str, ""),
-        executor=executor,
-        reference=_reference(raw.get("reference"), problems),
+        models=[ModelSpec(m.name, dict(m.options)) for m in doc.models],
+        methods=[MethodSpec(m.name, dict(m.knobs), m.steps) for m in doc.methods],
+        steps=list(doc.steps),
+        guidance=list(doc.guidance),
+        metrics=list(doc.metrics),
+        optional_metrics=list(doc.optional_metrics),
+        seed=doc.seed,
+        n_samples=doc.n_samples,
+        batch_size=doc.batch_size,
+        bootstrap=doc.bootstrap,
+        warmup=doc.timing.warmup,
+        description=doc.description,
+        executor=doc.executor,
+        reference=[r.model_dump(exclude_unset=True) for r in doc.reference or []],
         raw=raw,
     )
-    problems += _cross_checks(suite)
+    problems = _cross_checks(suite)
     if problems:
         raise SuiteError(str(path), problems)
     return suite
 
 
-def _reference(value: Any, problems: list[str]) -> list[dict[str, Any]]:
-    """The suite's ``reference:`` entry as a list of mappings (checked: keys, types, method name)."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
-    out = []
-    for i, d in enumerate(items):
-        where = f"reference[{i}]" if isinstance(value, list) else "reference"
-        if not isinstance(d, dict):
-            problems.append(f"{where}: expected a mapping {{method, steps, guidance[, knobs][, model]}}, got {d!r}")
-            continue
-        bad = sorted(set(d) - {"method", "steps", "guidance", "knobs", "model"})
-        if bad:
-            problems.append(f"{where}.{bad[0]}: unknown key; use method, steps, guidance, knobs, model")
-            continue
-        if "method" in d and d["method"] not in METHODS:
-            problems.append(f"{where}.method: {UnknownNameError('method', str(d['method']), METHODS.names())}")
-            continue
-        if "steps" in d and (not isinstance(d["steps"], int) or isinstance(d["steps"], bool)):
-            problems.append(f"{where}.steps: expected an int, got {d['steps']!r}")
-            continue
-        if "guidance" in d and (not isinstance(d["guidance"], int | float) or isinstance(d["guidance"], bool)):
-            problems.append(f"{where}.guidance: expected a number, got {d['guidance']!r}")
-            continue
-        out.append(dict(d))
-    return out
+def job_count(suite: Suite) -> int:
+    """How many jobs the grid has at most (before methods that do not apply are skipped)."""
+    per_model = sum(
+        math.prod(len(v) for v in m.knob_grid.values()) * len(m.steps if m.steps is not None else suite.steps)
+        for m in suite.methods
+    )
+    return len(suite.models) * per_model * len(suite.guidance)
 
 
 def _cross_checks(suite: Suite) -> list[str]:
+    n = job_count(suite)
+    if n > MAX_JOBS:
+        return [f"the suite expands to {n} jobs, more than {MAX_JOBS}; split it into several suites or sweep fewer values"]
     problems = []
     for i, ms in enumerate(suite.models):
         meta = MODELS.entry(ms.name).meta

@@ -83,11 +83,34 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(run_dir: Path) -> tuple[Path, Path]:
+def failure_lines(df: pd.DataFrame) -> list[str]:
+    """One line per failed job: what it was and its error."""
+    from bench.report.data import config_label as label
+
+    failed = df[df["status"] != "ok"]
+    return [f"FAILED {r['model']} {label(r)}: {r.get('error') or 'no error recorded'}" for _, r in failed.iterrows()]
+
+
+def write_summary(run_dir: Path) -> tuple[Path | None, Path]:
+    """The run's table (``table.md``, failed jobs included, with their errors) and its quality-vs-
+    latency plot; no plot (None) when no job finished with a metric value (every job failed, or
+    a suite without metrics)."""
+    from bench.io import atomic_write
+
     df = pd.read_parquet(run_dir / "results.parquet")
-    png = plot_quality_vs_latency(df, run_dir / "quality_vs_latency.png")
+    ok = df[df["status"] == "ok"]
+    try:
+        primary_metric(ok)
+        plottable = len(ok) > 0
+    except ValueError:
+        plottable = False
+    png = plot_quality_vs_latency(df, run_dir / "quality_vs_latency.png") if plottable else None
     md = run_dir / "table.md"
-    md.write_text(f"# {run_dir.parent.name} / {run_dir.name}\n\n" + markdown_table(df))
+    text = f"# {run_dir.parent.name} / {run_dir.name}\n\n" + markdown_table(df)
+    failures = failure_lines(df)
+    if failures:
+        text += f"\n## {len(failures)} of {len(df)} jobs failed\n\n" + "".join(f"- {line}\n" for line in failures)
+    atomic_write(md, lambda p: p.write_text(text))
     return png, md
 
 

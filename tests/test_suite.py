@@ -40,7 +40,7 @@ def test_unknown_method_names_path_and_closest(tmp_path):
 
 def test_wrong_type_names_path_and_fix(tmp_path):
     msg = problems(tmp_path, GOOD.replace("steps: [3, 6]", "steps: [3, six]"))
-    assert "steps[1]: expected int, got str 'six'; fix: list of ints" in msg
+    assert "steps[1]: expected int, got str 'six'; fix: non-empty list of ints >= 1" in msg
     msg = problems(tmp_path, GOOD.replace("n_samples: 16", "n_samples: many"))
     assert "n_samples: expected int, got str 'many'" in msg
 

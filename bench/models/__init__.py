@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from bench.bundle import Capabilities, ModelBundle
 from bench.data import IMAGE_SIZE, NUM_CLASSES
@@ -14,8 +15,20 @@ from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
 from bench.io import load_weights
 from bench.models.digits_nets import NULL_CLASS, DigitsClassifier, DigitsDiT, DigitsUNet
 from bench.models.gmm import GaussianMixture, GMMNet, gmm_schedule
+from bench.models.options import ModelOptions
 from bench.paths import ASSETS
 from bench.registry import MODELS
+
+
+class GMMOptions(ModelOptions):
+    dim: int = Field(2, ge=2, le=4096, description="int, 2 to 4096 (default 2)")
+    prediction: Literal["eps", "flow"] = Field("eps", description="'eps' (VP) or 'flow' (default 'eps')")
+
+
+class WeightsOptions(ModelOptions):
+    weights: str = Field(
+        None, min_length=1, max_length=4096, description="path to a safetensors file (default: the committed one)"
+    )  # type: ignore[assignment]
 
 
 def _file_hash(path: Path) -> str:
@@ -40,7 +53,7 @@ def load_net(name: str, net: torch.nn.Module, weights: str | Path | None = None)
         "analytic", "vector", o.get("prediction", "eps"), "none", _schedule(o.get("prediction", "eps")), "none"
     ),
     description="analytic Gaussian mixture with exact score and exact PF-ODE endpoint (the solver oracle)",
-    options={"dim": "int, 2 or more (default 2)", "prediction": "'eps' (VP) or 'flow' (default 'eps')"},
+    options=GMMOptions,
 )
 def gmm(dim: int = 2, prediction: str = "eps") -> ModelBundle:
     if prediction not in ("eps", "flow"):
@@ -67,7 +80,7 @@ def gmm(dim: int = 2, prediction: str = "eps") -> ModelBundle:
     data="image",
     capabilities=Capabilities("unet", "image", "eps", "class", "vp", "cfg"),
     description="class-conditional diffusers UNet2DModel, eps-prediction, DDPM 1000 steps, CFG (1.1M params)",
-    options={"weights": "path to a safetensors file (default: the committed one)"},
+    options=WeightsOptions,
 )
 def digits_unet(weights: str | None = None) -> ModelBundle:
     net, h = load_net("digits-unet", DigitsUNet(), weights)
@@ -83,7 +96,7 @@ def digits_unet(weights: str | None = None) -> ModelBundle:
     data="image",
     capabilities=Capabilities("dit", "image", "flow", "class", "flow", "cfg"),
     description="class-conditional rectified-flow FluxTransformer2DModel (2 double + 4 single blocks), CFG",
-    options={"weights": "path to a safetensors file (default: the committed one)"},
+    options=WeightsOptions,
 )
 def digits_dit(weights: str | None = None) -> ModelBundle:
     net, h = load_net("digits-dit", DigitsDiT(), weights)
@@ -104,7 +117,7 @@ MODELS.add(
     kind="classifier",
     data="image",
     description="digits CNN classifier; 64-d penultimate features for FID/KID, probabilities for class adherence",
-    options={"weights": "path to a safetensors file (default: the committed one)"},
+    options=WeightsOptions,
 )
 
 

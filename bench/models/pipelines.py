@@ -28,14 +28,16 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from bench.bundle import Capabilities, ModelBundle
 from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
 from bench.models.digits_nets import image_ids, pack, unpack  # Flux's 2x2 token packing and position ids
+from bench.models.options import ModelOptions
 from bench.registry import MODELS
 
 PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -243,22 +245,38 @@ def _decoder(vae: nn.Module, device: str | torch.device, batch: int = 8) -> Call
     return decode
 
 
+class PipelineOptions(ModelOptions):
+    pipeline: str = Field(
+        min_length=1, max_length=4096, description="hub id (OWNER/NAME, from the local Hugging Face cache) or a local directory"
+    )
+    prompts: list[str] = Field(None, min_length=1, max_length=100_000, description="non-empty list of prompts (sample k uses prompt k mod len); or prompts_file")  # type: ignore[assignment]  # fmt: skip
+    prompts_file: str = Field(None, min_length=1, max_length=4096, description="text file, one prompt per line")  # type: ignore[assignment]
+    negative_prompt: str = Field(
+        "", max_length=100_000, description="the null condition of classifier-free guidance (default '')"
+    )
+    height: int = Field(None, ge=8, le=16384, description="int, pixels (default: the network's sample size x the VAE factor)")  # type: ignore[assignment]
+    width: int = Field(None, ge=8, le=16384, description="int, pixels (default: as height)")  # type: ignore[assignment]
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="float32 | float16 | bfloat16 (default float32)"
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$", description="cpu | cuda[:N] | auto (default auto)")
+    download: bool = Field(False, description="bool, allow a download from the hub (default false)")
+
+    @model_validator(mode="after")
+    def _prompts(self) -> PipelineOptions:
+        if self.prompts is None and self.prompts_file is None:
+            raise ValueError("a text-to-image model needs `prompts: [..]` (a list of strings) or `prompts_file:`")
+        if any(len(p) > 100_000 for p in self.prompts or []):
+            raise ValueError("a prompt is longer than 100000 characters")
+        return self
+
+
 @MODELS.register(
     "diffusers",
     kind="eps|v|flow",
     data="image",
     description="a diffusers text-to-image pipeline (SD 1.x/2.x UNet, SD3 or Flux transformer) by hub id or local path",
-    options={
-        "pipeline": "hub id (OWNER/NAME, from the local Hugging Face cache) or a local directory",
-        "prompts": "list of prompts (sample k uses prompt k mod len); or prompts_file",
-        "prompts_file": "text file, one prompt per line",
-        "negative_prompt": "the null condition of classifier-free guidance (default '')",
-        "height": "int, pixels (default: the network's sample size x the VAE factor)",
-        "width": "int, pixels (default: as height)",
-        "dtype": "float32 | float16 | bfloat16 (default float32)",
-        "device": "cpu | cuda | auto (default auto)",
-        "download": "bool, allow a download from the hub (default false)",
-    },
+    options=PipelineOptions,
 )
 def diffusers_pipeline(
     pipeline: str,
