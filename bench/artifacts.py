@@ -44,8 +44,8 @@ from tqdm import tqdm
 from bench.accounting import ForwardCounter
 from bench.bundle import ModelBundle
 from bench.codeversion import code_version
-from bench.io import atomic_write, write_json
-from bench.paths import bench_home
+from bench.io import atomic_write, fsync_path, write_json
+from bench.paths import bench_home, within
 from bench.store import content_key
 
 if TYPE_CHECKING:
@@ -349,24 +349,63 @@ class BuildContext:
                 c._handle = None
 
 
+def _stat_key(root: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple(
+        sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    )
+
+
+_VERIFIED: dict[tuple[str, str, tuple[tuple[str, int, int], ...]], str | None] = {}
+
+
+def _verify(root: Path, digest: str) -> str | None:
+    """Why the files of a finished artifact are not those its record's ``digest`` names (None: they
+    are). Checked once per state of the files (paths, sizes, modification times)."""
+    if not digest:
+        return "its record has no digest of its files"
+    try:
+        key = (str(root), digest, _stat_key(root))
+    except OSError as e:
+        return f"its files cannot be read ({e})"
+    if key not in _VERIFIED:
+        try:
+            actual = files_digest(root)
+        except OSError as e:
+            _VERIFIED[key] = f"its files cannot be read ({e})"
+        else:
+            _VERIFIED[key] = None if actual == digest else f"its files do not match its record's digest ({actual} != {digest})"
+        if _VERIFIED[key] is not None:  # said once per state of the files
+            print(f"bench: artifact {root}: {_VERIFIED[key]}; it is not used, and is built again", file=sys.stderr)
+    return _VERIFIED[key]
+
+
 class ArtifactStore:
     """Finished artifacts by key under ``root`` (see the module docstring)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.rejected: list[tuple[str, str]] = []  # (key, why) of finished artifacts that failed their check
 
     def path(self, key: str) -> Path:
-        return self.root / key
+        return within(self.root, key)
 
     def work_dir(self, key: str) -> Path:
-        return self.root / ".work" / key
+        return within(self.root / ".work", key)
 
     def get(self, key: str) -> Artifact | None:
-        """The finished artifact ``key``, or None (absent, or its record unreadable)."""
+        """The finished artifact ``key``, or None: absent, its record unreadable, or its files not
+        those of the record's ``digest`` (torn or altered: it is listed in ``rejected``, reported
+        on stderr, and built again by :meth:`get_or_build`; never loaded)."""
         d = self.path(key)
         try:
             record = json.loads((d / RECORD).read_text())
-        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        why = _verify(d, str(record.get("digest", "")))
+        if why is not None:
+            self.rejected.append((key, why))
             return None
         return Artifact(key, d, record, built=False)
 
@@ -375,7 +414,7 @@ class ArtifactStore:
         """An exclusive lock on ``key`` across processes (blocks while another holds it)."""
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "a+") as f:
+        with open(within(locks, f"{key}.lock"), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -402,10 +441,14 @@ class ArtifactStore:
             record = {"key": key, **(describe or {}), **fields, "digest": files_digest(out)}
             record |= {"built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid()}
             write_json(out / RECORD, record)
+            for f in out.rglob("*"):  # every file on the disk before the rename publishes them
+                if f.is_file():
+                    fsync_path(f)
             final = self.path(key)
-            if final.exists():  # an incomplete leftover without a readable record
+            if final.exists():  # a leftover without a readable record, or one whose files failed their check
                 shutil.rmtree(final)
             os.replace(out, final)
+            fsync_path(final.parent)
             shutil.rmtree(work, ignore_errors=True)
         return Artifact(key, final, json.loads((final / RECORD).read_text()), built=True)
 

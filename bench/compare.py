@@ -32,7 +32,7 @@ from bench.metrics.paired import PairedDifference, pairable, paired_jobs, run_bu
 from bench.report import fmt
 from bench.report.data import Run, RunError, config_key, config_label, higher_is_better
 from bench.report.matched import ReferenceSpec, choose_references, default_rule_text, specs_from, worse_by
-from bench.store import samples_digest
+from bench.store import SamplesError, load_samples, samples_digest
 
 DEFAULT_QUALITY_TOL = 0.05
 DEFAULT_SPEED_TOL = 0.5
@@ -140,17 +140,22 @@ def samples_change(base_dir: Path | None, b: pd.Series, cand_dir: Path | None, c
     ``identical`` or ``changed`` only; ``-`` when neither is there."""
     paths = [d / "jobs" / str(r["job_id"]) / "samples.npy" if d is not None else None for d, r in ((base_dir, b), (cand_dir, c))]
     here = [p is not None and p.is_file() for p in paths]
+    loaded = {}
+    for p, ok in zip(paths, here, strict=True):
+        if ok:
+            try:
+                loaded[p] = load_samples(p)
+            except SamplesError as e:
+                raise RunError(str(e)) from None
     if all(here):
-        x, y = (np.load(p) for p in paths)
+        x, y = (loaded[p] for p in paths)
         if x.shape != y.shape:
             return f"shape {x.shape} -> {y.shape}"
         if np.array_equal(x, y):
             return "identical"
         return f"max |diff| {float(np.abs(x.astype(np.float64) - y).max()):.3g}"
     # a results table on one side or both: digests, of the samples file where there is one
-    digests = [
-        samples_digest(np.load(p)) if ok else r.get("samples_sha256") for p, ok, r in zip(paths, here, (b, c), strict=True)
-    ]
+    digests = [samples_digest(loaded[p]) if ok else r.get("samples_sha256") for p, ok, r in zip(paths, here, (b, c), strict=True)]
     if all(isinstance(d, str) and d for d in digests):
         return "identical" if digests[0] == digests[1] else "changed"
     return "-"

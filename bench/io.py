@@ -16,8 +16,26 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's) data and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a directory (some network ones): nothing more to do
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link in directory ``path`` durable."""
+    fsync_path(path)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temp file next to ``path``, flush it to the disk, then rename it
+    into place (and flush the directory): after a crash or power loss ``path`` is the old file or
+    the whole new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -25,7 +43,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files get the usual mode
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

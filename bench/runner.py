@@ -36,9 +36,9 @@ from bench.artifacts import ArtifactSpec, ArtifactStore, default_artifact_store,
 from bench.codeversion import code_version, module_of
 from bench.executors import EXECUTORS, Executor, ExecutorError, make_executor
 from bench.io import atomic_write, write_json
-from bench.paths import REPO
+from bench.paths import REPO, within
 from bench.registry import METHODS, METRICS, MODELS
-from bench.store import JobStore, content_key, link_or_copy, samples_digest
+from bench.store import SAMPLES, JobStore, check_samples, content_key, link_or_copy, samples_digest
 from bench.suite import Job, Suite, expand
 from bench.worker import ModelCache, Outcome, Task
 
@@ -183,10 +183,12 @@ def plan_jobs(
 
 
 def _read_row(path: Path) -> dict[str, Any] | None:
+    """The JSON mapping in ``path``; None when absent or not whole (a torn file is not a record)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        obj = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _job_columns(job: Job) -> dict[str, Any]:
@@ -343,7 +345,7 @@ def run_suite(
         raise ExecutorError(f"unknown executor {kind!r}; use one of {', '.join(EXECUTORS)}")
     run_id = run_id or new_run_id()
     results_dir = Path(results_dir)
-    out = results_dir / suite.name / run_id
+    out = within(results_dir, suite.name, run_id)  # a name that would leave the results root is an error
     jobstore = JobStore(Path(store) if store else results_dir / STORE_DIRNAME)
     arts = artifact_store or default_artifact_store()
     session = f"{dt.datetime.now():%Y%m%d-%H%M%S-%f}-{os.getpid()}"  # unique even for two sessions in one second
@@ -383,14 +385,22 @@ def run_suite(
     run_cols = {"run_id": run_id, "suite": suite.name, "git_sha": sha}
 
     done = reused = 0
+    redone: list[dict[str, str]] = []  # finished jobs whose files failed their check: done again, never loaded
     for p in [] if builds_only else planned:
         jdir = out / "jobs" / p.job_id
         prev = _read_row(jdir / "row.json")
         if prev is not None and prev.get("status") == "ok":
-            done += 1
-            sw.job_state[p.job_id] = "ok"
-            continue
+            why = check_samples(jdir / SAMPLES, prev)
+            if why is None:
+                done += 1
+                sw.job_state[p.job_id] = "ok"
+                continue
+            redone.append({"job_id": p.job_id, "where": "run", "file": str(jdir / SAMPLES), "why": why})
+            (jdir / "row.json").unlink(missing_ok=True)  # no longer finished, whatever happens next
+        n_rejected = len(jobstore.rejected)
         hit = None if fresh else jobstore.get(p.store_key)
+        for key, why in jobstore.rejected[n_rejected:]:
+            redone.append({"job_id": p.job_id, "where": "store", "file": str(jobstore.path(key) / SAMPLES), "why": why})
         digests = [current_digest.get(s.key) for s in p.artifacts]
         fresh_artifacts = (
             all(d is not None for d in digests)
@@ -408,6 +418,8 @@ def run_suite(
             sw.job_state[p.job_id] = "ok"
             continue
         sw.jobs.append(p)
+    for r in redone:
+        print(f"bench: job {r['job_id']}: {r['file']} {r['why']}; doing the job again", file=sys.stderr)
     if builds_only:  # only what is needed... which is every missing artifact
         pass
     else:  # builds no pending job needs (all its jobs were reused) are not made
@@ -548,6 +560,7 @@ def run_suite(
         "computed": computed,
         "failed": failed,
         "retried": retried,
+        "redone": redone,
         "built": sorted(k for k, v in sw.artifacts_log.items() if v.get("status") == "built"),
         "executor": ex.describe() if started else {"kind": kind, "started": False},
         "sweep_s": t_end - t_sweep,
@@ -622,9 +635,14 @@ def read_executions(run_dir: Path) -> list[dict[str, Any]]:
 
 def collect(run_dir: Path) -> pd.DataFrame:
     """Gather the job rows of a run into results.parquet (one row per job)."""
-    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "jobs").glob("*/row.json"))]
-    for r in rows:
+    rows = []
+    for p in sorted((run_dir / "jobs").glob("*/row.json")):
+        r = _read_row(p)
+        if r is None:  # not one of this session's jobs (they were all redone or rewritten): left out, said
+            print(f"bench: {p} is torn or not a row; left out of the results (delete its job directory)", file=sys.stderr)
+            continue
         r.pop("traceback", None)
+        rows.append(r)
     df = pd.DataFrame(rows)
     for c in REQUIRED_COLUMNS:
         if c not in df.columns:

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.io import atomic_write, write_json
+from bench.io import atomic_write, fsync_dir, write_json
+from bench.paths import within
 
 ROW = "row.json"  # written last: its presence means the entry is complete
 SAMPLES = "samples.npy"
@@ -43,31 +44,85 @@ class StoredJob:
 
 
 class JobStore:
-    """Finished jobs by content key: ``<root>/jobs/<key>/{samples.npy, row.json}``."""
+    """Finished jobs by content key: ``<root>/jobs/<key>/{samples.npy, row.json}``.
+
+    An entry counts only when its samples are what its row says they are (:func:`check_samples`:
+    present, readable, with the row's digest); an entry that fails the check is not returned and
+    is listed in ``rejected`` (key, why), so the caller recomputes the job and can say why."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.rejected: list[tuple[str, str]] = []
 
     def path(self, key: str) -> Path:
-        return self.root / "jobs" / key
+        return within(self.root, "jobs", key)
 
     def get(self, key: str) -> StoredJob | None:
-        """The finished entry, or None when absent or incomplete (no row yet)."""
+        """The finished, verified entry, or None when absent, incomplete (no row yet) or torn."""
         d = self.path(key)
         try:
             row = json.loads((d / ROW).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(row, dict):
             return None
         samples = d / SAMPLES
+        why = check_samples(samples, row)
+        if why is not None:
+            self.rejected.append((key, why))
+            return None
         return StoredJob(key, row, samples if samples.is_file() else None)
 
     def put(self, key: str, row: dict[str, Any], samples: np.ndarray | None) -> StoredJob:
-        """Write samples, then the row (the commit marker), each atomically."""
+        """Write samples, then the row (the commit marker), each atomically and durably."""
         d = self.path(key)
         if samples is not None:
-            atomic_write(d / SAMPLES, lambda p: np.save(p.open("wb"), samples))
+            atomic_write(d / SAMPLES, lambda p: save_npy(p, samples))
         write_json(d / ROW, row)
         return StoredJob(key, row, d / SAMPLES if samples is not None else None)
+
+
+class SamplesError(ValueError):
+    """A samples file that cannot be read (missing, torn, not an array); the message names it."""
+
+
+def load_samples(path: Path) -> np.ndarray:
+    """The array in ``path``; a file that is not a whole array raises :class:`SamplesError` naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # a torn .npy raises EOFError, ValueError, OSError...
+        raise SamplesError(
+            f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())[:120]}); the file is torn or not "
+            "bench's: `bench run SUITE --resume RUN_ID` redoes the job"
+        ) from None
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to exactly ``path`` (np.save given a name would add ``.npy``), closed at once."""
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def check_samples(path: Path, row: dict[str, Any]) -> str | None:
+    """Why the samples file of a finished row cannot be trusted (missing, unreadable or torn, or not
+    the samples the row's ``samples_sha256`` names), or None when it can. A row without a digest
+    (written before rows had one, or a failed job) asks only that a file that is there loads with
+    the row's sample count."""
+    if row.get("status") != "ok":
+        return None
+    digest = row.get("samples_sha256")
+    if not path.is_file():
+        return "is missing" if digest else None
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as e:  # a torn .npy raises EOFError, ValueError, OSError...
+        return f"is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+    n = row.get("n_samples")
+    if isinstance(n, int) and (x.ndim == 0 or x.shape[0] != n):
+        return f"holds shape {x.shape}, not {n} samples"
+    if digest and samples_digest(x) != digest:
+        return f"does not match the row's samples_sha256 ({x.dtype}, shape {x.shape})"
+    return None
 
 
 def samples_digest(samples: np.ndarray) -> str:
@@ -92,7 +147,10 @@ def link_or_copy(src: Path, dest: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

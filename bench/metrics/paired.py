@@ -18,6 +18,7 @@ import torch
 
 from bench.metrics.base import MetricContext, MetricValue, centred_interval
 from bench.registry import METRICS
+from bench.store import load_samples
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def paired_jobs(dir_a: Path, dir_b: Path, metrics: list[str], bundle, bootstrap:
         if not (d / "samples.npy").is_file():
             raise FileNotFoundError(f"{d}/samples.npy not found: is {d.name} a finished job of {d.parent.parent}?")
         rows.append(json.loads((d / "row.json").read_text()))
-        samples.append(torch.from_numpy(np.load(d / "samples.npy")))
+        samples.append(torch.from_numpy(load_samples(d / "samples.npy")))
     ra, rb = rows
     if (ra["seed"], ra["n_samples"]) != (rb["seed"], rb["n_samples"]):
         raise ValueError(

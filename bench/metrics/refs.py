@@ -157,17 +157,43 @@ def build(refset: str, space: str, images: Path | None = None, limit: int | None
     }
     path = cache_path(refset, space)
     mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
-    atomic_write(path, lambda p: np.savez(p.open("wb"), feats=feats.astype(np.float32), mu=mu, sigma=sigma))
+
+    def save(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, feats=feats.astype(np.float32), mu=mu, sigma=sigma)
+
+    atomic_write(path, save)
     write_json(path.with_suffix(".json"), meta)
     _load_cached.cache_clear()
     return path
 
 
+class CorruptReferenceError(MissingReferenceError):
+    """Cached reference statistics that cannot be read, or are not what their record says."""
+
+
 @lru_cache(maxsize=8)
 def _load_cached(path: str, mtime: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    z = np.load(path)
-    meta = json.loads(Path(path).with_suffix(".json").read_text())
-    return z["feats"].astype(np.float64), z["mu"], z["sigma"], meta
+    """The cache file's arrays and record, checked: readable, the features' digest the record's,
+    shapes consistent. Raises :class:`ValueError` saying what is wrong."""
+    try:
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"its record {Path(path).with_suffix('.json')} is unreadable ({type(e).__name__})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"its record {Path(path).with_suffix('.json')} is not a mapping")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats, mu, sigma = z["feats"], z["mu"], z["sigma"]
+    except Exception as e:  # a torn .npz: BadZipFile, EOFError, KeyError, OSError, ValueError...
+        raise ValueError(f"it is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:100]})") from e
+    digest = hashlib.sha256(np.ascontiguousarray(feats, dtype=np.float32).tobytes()).hexdigest()[:16]
+    if digest != meta.get("features_sha256"):
+        raise ValueError(f"its features do not match its record's features_sha256 ({digest} != {meta.get('features_sha256')})")
+    d = feats.shape[1] if feats.ndim == 2 else -1
+    if d < 1 or mu.shape != (d,) or sigma.shape != (d, d):
+        raise ValueError(f"its arrays have inconsistent shapes (feats {feats.shape}, mu {mu.shape}, sigma {sigma.shape})")
+    return feats.astype(np.float64), mu, sigma, meta
 
 
 @lru_cache(maxsize=4)
@@ -188,7 +214,12 @@ def load(refset: str, space: str) -> RefStats:
         if refset in BUILTIN and space == "digits":
             return _digits_in_memory(refset)
         raise MissingReferenceError(f"reference statistics of {refset!r} in the {space} feature space are not built; run {fix}")
-    feats, mu, sigma, meta = _load_cached(str(path), path.stat().st_mtime_ns)
+    try:
+        feats, mu, sigma, meta = _load_cached(str(path), path.stat().st_mtime_ns)
+    except ValueError as e:
+        raise CorruptReferenceError(
+            f"reference statistics {path} are corrupt: {e}; rebuild them with {fix} (or delete the file)"
+        ) from None
     current = fs.network_id()
     if meta.get("network_id") != current:
         if refset in BUILTIN and space == "digits":
@@ -204,8 +235,15 @@ def listing() -> list[dict]:
     """Every cached reference (its metadata), plus the built-in sets not yet cached."""
     out = []
     for p in sorted(refs_dir().glob("*/*.json")):
-        out.append(json.loads(p.read_text()) | {"path": str(p.with_suffix(".npz"))})
-    cached = {(m["refset"], m["space"]) for m in out}
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            out.append({"refset": p.parent.name, "space": p.stem, "path": str(p.with_suffix(".npz")), "n": "corrupt record"})
+            continue
+        out.append(meta | {"path": str(p.with_suffix(".npz"))})
+    cached = {(m.get("refset"), m.get("space")) for m in out}
     for name in BUILTIN:
         if (name, "digits") not in cached:
             out.append({"refset": name, "space": "digits", "path": "(computed in memory when used)", "n": None})

@@ -121,7 +121,14 @@ class Run:
         if self.run_dir is None:
             return None
         p = self.run_dir / "jobs" / str(job_id) / "samples.npy"
-        return np.load(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        from bench.store import SamplesError, load_samples
+
+        try:
+            return load_samples(p)
+        except SamplesError as e:
+            raise RunError(str(e)) from None
 
 
 def resolve_run(spec: str | Path, results: Path = RESULTS) -> Path:
@@ -163,5 +170,12 @@ def load_run(spec: str | Path, results: Path = RESULTS) -> Run:
     record: dict[str, Any] = {}
     rec = (path if path.is_dir() else path.parent) / ("run.json" if path.is_dir() else f"{path.stem}.run.json")
     if rec.is_file():
-        record = json.loads(rec.read_text())
+        try:
+            record = json.loads(rec.read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(
+                f"cannot read {rec} ({type(e).__name__}: {e}); the file is torn: re-run `bench run` or remove it"
+            ) from e
+        if not isinstance(record, dict):
+            raise RunError(f"{rec} is not a run record (a JSON mapping); re-run `bench run` or remove it")
     return Run(df.reset_index(drop=True), record, path)
