@@ -498,7 +498,8 @@ def ensure(
         led = ctx.ledger(ctx.noted.get("optimizer_steps"))
         own = {k: led[k] for k in COST_FIELDS} | {"device": dev, "sessions": led["sessions"]}
         own |= {k: v for k, v in ctx.noted.items() if k not in own}
-        chain = sum_costs([own, *(p.chain_cost for p in parents.values())])
+        # every ancestor once, even when two parents share one (a chain is a DAG, not a tree)
+        chain = sum_costs([own, job_cost(list(parents.values()))]) if parents else sum_costs([own])
         return {
             "cost": own,
             "chain_cost": chain,

@@ -476,3 +476,32 @@ def test_denoising_targets_convert_back_to_the_clean_sample_and_noise(prediction
     got_x0, got_eps = den.x0_eps(a * x0 + s * eps, t, prediction_target(prediction, x0, eps, a, s))
     torch.testing.assert_close(got_x0, x0)
     torch.testing.assert_close(got_eps, eps)
+
+
+def test_a_shared_ancestor_counts_once_in_the_chain_cost(home):
+    """A chain is a DAG: two parents sharing one ancestor (reflow's couplings under InstaFlow's
+    student and its pairs) must not charge that ancestor twice."""
+    from bench.adapter import MethodAdapter, register_method
+    from bench.artifacts import artifact_spec
+    from bench.bundle import Applies
+
+    class ToyChain(MethodAdapter):
+        name = "toy_chain_cost"
+        family = "distillation"
+        training = "finetune"
+        paper = "test"
+        applies_to = Applies()
+
+        def build(self, spec, ctx):
+            ctx.note(optimizer_steps=int(spec.params["steps"]))
+            (ctx.out / "f").write_text(spec.name)
+
+    if "toy_chain_cost" not in METHODS:
+        register_method(ToyChain)
+    b = build_model("gmm", dim=2, prediction="eps")
+    toy = METHODS.get("toy_chain_cost")()
+    root = artifact_spec(toy, b, "root", {"steps": 1})
+    left = artifact_spec(toy, b, "left", {"steps": 10}, (root,))
+    right = artifact_spec(toy, b, "right", {"steps": 100}, (root,))
+    top = ensure(artifact_spec(toy, b, "top", {"steps": 1000}, (left, right)), b)
+    assert top.chain_cost["optimizer_steps"] == 1111
