@@ -172,7 +172,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         report = build_report(
-            args.run,
+            args.run[0] if len(args.run) == 1 else args.run,
             out=Path(args.out) if args.out else None,
             baseline=args.baseline,
             reference=_reference_specs(args.reference),
@@ -287,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     s.set_defaults(fn=cmd_train)
     s = sub.add_parser("report", help="write reports/<run-id>/index.html: Pareto, speedup vs training, grids, leaderboard")
-    s.add_argument("run", help="a run directory results/<suite>/<run-id>, a run id, or a suite name (its latest run)")
+    s.add_argument(
+        "run",
+        nargs="+",
+        help="a run directory results/<suite>/<run-id>, a run id, or a suite name (its latest run); several runs of "
+        "suites that share models and seeds (e.g. distillation consistency) make one report over all their rows",
+    )
     s.add_argument("--baseline", metavar="RUN", help="also compare with this run or results .parquet (bench compare)")
     s.add_argument("--out", help="output directory (default: reports/<run-id>/)")
     s.add_argument(

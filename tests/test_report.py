@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from report_helpers import edit_results, tiny_run
+from report_helpers import edit_results, tiny_gmm_suite, tiny_run
 
 from bench.cli import main
 from bench.report import Report, build_report, fmt, load_run
@@ -214,3 +214,30 @@ def test_matched_quality_decided_by_the_paired_difference(tmp_path):
     assert row(loose)["speedup_nfe"] == 4.0  # with a huge tolerance the 2-step job matches
     with pytest.raises(RunError, match="match must be"):
         build_report(run, out=tmp_path / "r3", match="both")
+
+
+def test_one_report_over_two_runs_of_suites_sharing_models_and_seeds(run, tmp_path, capsys):
+    from dataclasses import replace
+
+    from bench.report.data import config_key, merge_runs
+    from bench.runner import run_suite
+    from bench.suite import MethodSpec
+
+    other = replace(tiny_gmm_suite(), name="tiny2", methods=[MethodSpec("euler"), MethodSpec("dpmpp_2m")])
+    run2 = run_suite(other, run_id="tiny2-run", results_dir=tmp_path / "results2", progress=False)
+    a, b = load_run(run), load_run(run2)
+    merged = merge_runs([a, b])
+    keys = [config_key(r) for _, r in merged.df.iterrows()]
+    assert len(keys) == len(set(keys)), "a configuration both runs hold appears once"
+    assert set(merged.df["method"]) == {"ddim", "euler", "dpmpp_2m"} and len(merged.df) == 6
+    assert merged.suite_name == "tiny+tiny2" and merged.run_id == "tiny-run+tiny2-run"
+    dp = merged.df[merged.df["method"] == "dpmpp_2m"].iloc[0]
+    assert merged.job_dir(dp["job_id"]).parent.parent == run2  # its samples are found in the second run
+    assert np.array_equal(merged.samples(dp["job_id"]), b.samples(dp["job_id"]))
+    assert main(["report", str(run), str(run2), "--out", str(tmp_path / "both")]) == 0
+    lb = (tmp_path / "both" / "leaderboard.md").read_text()
+    assert "dpmpp_2m" in lb and "ddim" in lb and "tiny+tiny2" in lb
+    # runs that do not share seeds cannot be compared sample by sample
+    edit_results(run2, lambda df: df.assign(seed=df["seed"] + 1))
+    assert main(["report", str(run), str(run2), "--out", str(tmp_path / "bad")]) == 2
+    assert "differ in seed" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from bench.paths import REPO
 from bench.report import fmt
 from bench.report.cache_speedups import cache_speedups, cache_speedups_html, cache_speedups_markdown
 from bench.report.charts import colours, pareto_figure, speedup_figure
-from bench.report.data import Run, RunError, config_label, higher_is_better, load_run, method_label
+from bench.report.data import Run, RunError, config_label, higher_is_better, load_run, merge_runs, method_label
 from bench.report.grids import grid_figures, slug
 from bench.report.html import esc, figure, page
 from bench.report.leaderboard import build_leaderboard
@@ -43,7 +43,7 @@ class Report:
 
 
 def build_report(
-    run: str | Path | Run,
+    run: str | Path | Run | Sequence[str | Path | Run],
     out: Path | None = None,
     baseline: str | Path | Run | None = None,
     reference: Sequence[ReferenceSpec] = (),
@@ -57,12 +57,16 @@ def build_report(
     progress: bool = False,
 ) -> Report:
     """Write the report of ``run`` into ``out`` (default reports/<run-id>/): index.html, its PNGs,
-    leaderboard.md and, with a baseline, compare.md."""
+    leaderboard.md and, with a baseline, compare.md. Several runs (of suites sharing models and seeds)
+    are reported as one table (``merge_runs``): one Pareto, one speedup chart, one leaderboard."""
     from bench.compare import DEFAULT_QUALITY_TOL as CMP_Q
     from bench.compare import DEFAULT_SPEED_TOL as CMP_S
     from bench.compare import compare_runs
 
-    run = run if isinstance(run, Run) else load_run(run)
+    if isinstance(run, (str, Path, Run)):
+        run = run if isinstance(run, Run) else load_run(run)
+    else:
+        run = merge_runs([r if isinstance(r, Run) else load_run(r) for r in run])
     ok = run.ok
     if ok.empty:
         raise RunError(f"{run.path}: no job finished, nothing to report; see the errors in its results.parquet")
@@ -232,7 +236,7 @@ def build_report(
     subtitle = (
         f"suite <b>{esc(run.suite_name)}</b> · run <b>{esc(run.run_id)}</b> · git {esc(str(rec.get('git_sha', 'unknown'))[:12])} · "
         f"{esc(rec.get('finished') or rec.get('started') or '')} · {len(ok)} finished, {len(failed)} failed jobs.{verdict}<br>"
-        f"Every number on this page is computed from this run's own files (<code>{esc(run.path)}</code>); none is quoted from "
+        f"Every number on this page is computed from this run's own files (<code>{esc(', '.join(map(str, run.dirs or (run.path,))))}</code>); none is quoted from "
         "elsewhere."
     )
     index = out / "index.html"

@@ -83,10 +83,23 @@ class Run:
     df: pd.DataFrame
     record: dict[str, Any] = field(default_factory=dict)
     path: Path = Path(".")
+    # a report over several runs (``merge_runs``): every run directory whose jobs this table holds
+    dirs: tuple[Path, ...] = ()
 
     @property
     def run_dir(self) -> Path | None:
+        if self.dirs:
+            return self.dirs[0]
         return self.path if self.path.is_dir() else None
+
+    def job_dir(self, job_id: str) -> Path | None:
+        """The directory of a finished job's files (``row.json``, ``samples.npy``), in whichever of the
+        run's directories holds it; None when none does."""
+        for d in self.dirs or ((self.run_dir,) if self.run_dir is not None else ()):
+            j = d / "jobs" / str(job_id)
+            if (j / "samples.npy").is_file():
+                return j
+        return None
 
     @property
     def run_id(self) -> str:
@@ -118,11 +131,10 @@ class Run:
 
     def samples(self, job_id: str) -> np.ndarray | None:
         """The job's samples (float array in [-1, 1]), or None when the run kept none."""
-        if self.run_dir is None:
+        j = self.job_dir(job_id)
+        if j is None:
             return None
-        p = self.run_dir / "jobs" / str(job_id) / "samples.npy"
-        if not p.is_file():
-            return None
+        p = j / "samples.npy"
         from bench.store import SamplesError, load_samples
 
         try:
@@ -179,3 +191,51 @@ def load_run(spec: str | Path, results: Path = RESULTS) -> Run:
         if not isinstance(record, dict):
             raise RunError(f"{rec} is not a run record (a JSON mapping); re-run `bench run` or remove it")
     return Run(df.reset_index(drop=True), record, path)
+
+
+def merge_runs(runs: list[Run]) -> Run:
+    """One table over several runs of suites that share their models and seeds (e.g. the distillation
+    and consistency suites), for one report: each configuration once (the first run that has it wins,
+    so a teacher configuration both suites ran appears once), the suites' models, metrics and
+    references united, and every run's directory searched for a job's samples."""
+    if len(runs) == 1:
+        return runs[0]
+    seen: set[tuple[Any, ...]] = set()
+    parts = []
+    for r in runs:
+        keep = []
+        for _, row in r.df.iterrows():
+            key = (*config_key(row), row.get("seed"), row.get("n_samples"), row.get("status"))
+            keep.append(key not in seen)
+            seen.add(key)
+        parts.append(r.df[keep])
+    df = pd.concat(parts, ignore_index=True)
+    for col in ("seed", "n_samples"):
+        vals = df[col].dropna().unique() if col in df else []
+        if len(vals) > 1:
+            raise RunError(
+                f"runs {', '.join(r.run_id for r in runs)} differ in {col} ({sorted(map(str, vals))}): a report over "
+                "several runs compares them sample by sample, so they must share it; report them one by one"
+            )
+    suites = [r.record.get("suite") or {} for r in runs]
+    suite: dict[str, Any] = dict(suites[0])
+    suite["name"] = "+".join(dict.fromkeys(r.suite_name for r in runs))
+
+    def union(key: str) -> list[Any]:
+        out: list[Any] = []
+        for s in suites:
+            for x in s.get(key) or []:
+                if x not in out:
+                    out.append(x)
+        return out
+
+    for key in ("models", "metrics", "optional_metrics", "reference"):
+        suite[key] = union(key)
+    record = dict(runs[0].record)
+    record.update(
+        suite=suite,
+        run_id="+".join(r.run_id for r in runs),
+        merged_runs=[{"run_id": r.run_id, "suite": r.suite_name, "path": str(r.path)} for r in runs],
+    )
+    dirs = tuple(d for r in runs for d in (r.dirs or ((r.run_dir,) if r.run_dir is not None else ())))
+    return Run(df, record, runs[0].path, dirs)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.metrics.paired import pairable, paired_from_run, run_bundle
+from bench.metrics.paired import pairable, paired_jobs, run_bundle
 from bench.report import fmt
 from bench.report.data import Run, config_label, higher_is_better
 from bench.report.matched import Speedups
@@ -33,11 +33,11 @@ def paired_rows(run: Run, ok: pd.DataFrame, sp: Speedups, bootstrap: int = 100) 
         bundle: Any = None
         for _, s in sp.table[sp.table["model"] == model].iterrows():
             r = ok.loc[s["row"]]
-            jobs = [run.run_dir / "jobs" / str(j) / "samples.npy" for j in (r["job_id"], r0["job_id"])]
-            if r["job_id"] == r0["job_id"] or not all(p.is_file() for p in jobs):
+            da, db = run.job_dir(str(r["job_id"])), run.job_dir(str(r0["job_id"]))
+            if r["job_id"] == r0["job_id"] or da is None or db is None:
                 continue
             bundle = bundle if bundle is not None else run_bundle(run.record, model)
-            (d,) = paired_from_run(run.run_dir, str(r["job_id"]), str(r0["job_id"]), [metric], bundle, bootstrap)
+            (d,) = paired_jobs(da, db, [metric], bundle, bootstrap)
             worse = d.diff.value < 0 if higher_is_better(metric) else d.diff.value > 0
             verdict = ("worse" if worse else "better") + " than the reference" if d.significant else "indistinguishable"
             rows.append(
@@ -62,10 +62,10 @@ def paired_intervals(
             if r["job_id"] == r0["job_id"]:
                 out[int(idx)] = (0.0, 0.0)
                 continue
-            jobs = [run.run_dir / "jobs" / str(j) / "samples.npy" for j in (r["job_id"], r0["job_id"])]
-            if not all(p.is_file() for p in jobs):
+            da, db = run.job_dir(str(r["job_id"])), run.job_dir(str(r0["job_id"]))
+            if da is None or db is None:
                 continue
             bundle = bundle if bundle is not None else run_bundle(run.record, model)
-            (d,) = paired_from_run(run.run_dir, str(r["job_id"]), str(r0["job_id"]), [metric], bundle, bootstrap)
+            (d,) = paired_jobs(da, db, [metric], bundle, bootstrap)
             out[int(idx)] = (float(d.diff.ci_low), float(d.diff.ci_high))
     return out
