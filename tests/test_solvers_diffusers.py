@@ -95,10 +95,10 @@ CASES = [
     ("euler_ancestral", EulerAncestralDiscreteScheduler, {}, lambda m, x, g, gen: sample_euler_ancestral(m, x, g, 1.0, 1.0, gen)),
     ("dpmpp_2m", DPMSolverMultistepScheduler, {**ZERO, "solver_order": 2}, lambda m, x, g, gen: sample_dpmpp_2m(m, x, g)),
     (
-        "dpmpp_3m-reference-weight",
+        "dpmpp_3m-official",
         DPMSolverMultistepScheduler,
         {**ZERO, "solver_order": 3},
-        lambda m, x, g, gen: sample_dpmpp_3m(m, x, g, True, d2_weight=1.0),
+        lambda m, x, g, gen: sample_dpmpp_3m(m, x, g, True),
     ),
     (
         "dpmpp_2m_sde",
@@ -163,12 +163,27 @@ def test_ddpm_large_variance_matches_diffusers_before_the_last_step():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
 
 
-def test_dpmpp_3m_differs_from_reference_weight():
+def test_dpmpp_3m_consistent_weight_differs_from_official():
     x, _ = start()
     grid = Grid.from_times(VP.denoiser.schedule, S.uniform(VP.denoiser.schedule, 10))
-    a = sample_dpmpp_3m(ODEModel(VP.denoiser), x, grid)
-    b = sample_dpmpp_3m(ODEModel(VP.denoiser), x, grid, d2_weight=1.0)
+    a = sample_dpmpp_3m(ODEModel(VP.denoiser), x, grid, d2_weight=2.0)
+    b = sample_dpmpp_3m(ODEModel(VP.denoiser), x, grid)
     assert float((a - b).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("steps", [10, 7])
+def test_registered_dpmpp_3m_default_is_diffusers(steps):
+    """The method users run (``dpmpp_3m`` with default knobs, uniform = trailing grid) gives
+    DPMSolverMultistepScheduler(solver_order=3)'s answer on the exact mixture."""
+    from bench.registry import METHODS
+
+    d = VP.denoiser
+    x, gens = start()
+    sched = DPMSolverMultistepScheduler(**vp_scheduler_config(d), **ZERO, solver_order=3)
+    sched.set_timesteps(steps)
+    ref = run_scheduler(sched, d, x, generators=gens)
+    out = METHODS.get("dpmpp_3m")().prepare(VP, steps)(x.clone(), None, 1.0, gens)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize(

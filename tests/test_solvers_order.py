@@ -150,22 +150,22 @@ ORDER_CASES: list[tuple[str, Solve, str, str, tuple[int, ...], float, str]] = [
     ("dpmpp_2m", lambda m, x, g: sample_dpmpp_2m(m, x, g), "eps", "logsnr", (64, 128, 256), 2, "DPM-Solver++(2M)"),
     ("dpmpp_2m-flow", lambda m, x, g: sample_dpmpp_2m(m, x, g), "flow", "karras0", (64, 128, 256), 2, "DPM-Solver++(2M)"),
     (
-        "dpmpp_3m",
-        lambda m, x, g: sample_dpmpp_3m(m, x, g, lower_order_final=False),
+        "dpmpp_3m-consistent",
+        lambda m, x, g: sample_dpmpp_3m(m, x, g, lower_order_final=False, d2_weight=2.0),
         "eps",
         "logsnr",
         (96, 128, 192, 256),
         3,
-        "DPM-Solver++(3M) with the Taylor-consistent D'' weight",
+        "DPM-Solver++(3M) with the Taylor-consistent D'' weight (third_order: consistent)",
     ),
     (
-        "dpmpp_3m-reference-weight",
-        lambda m, x, g: sample_dpmpp_3m(m, x, g, lower_order_final=False, d2_weight=1.0),
+        "dpmpp_3m-official",
+        lambda m, x, g: sample_dpmpp_3m(m, x, g, lower_order_final=False),
         "eps",
         "logsnr",
         (96, 128, 192, 256),
         2,
-        "the reference code's halved D'' weight leaves an O(h^3) local error",
+        "the official (default) update's halved D'' weight leaves an O(h^3) local error",
     ),
     ("deis-2", lambda m, x, g: sample_deis(m, x, g, 2, False), "eps", "logsnr", (64, 128, 256), 2, "tAB-DEIS-2"),
     ("deis-3", lambda m, x, g: sample_deis(m, x, g, 3, False), "eps", "karras0", (192, 256, 384, 512), 3, "tAB-DEIS-3"),
@@ -225,6 +225,22 @@ def test_convergence_order(solve, prediction, kind, steps, expected):
     table = ", ".join(f"NFE {n}: {e:.2e}" for e, n in rows)
     assert abs(order - expected) <= 0.5, f"fitted order {order:.2f}, expected {expected} ({table})"
     assert rows[-1][0] < rows[0][0]
+
+
+@pytest.mark.parametrize("third_order,weight", [("official", 1.0), ("consistent", 2.0)])
+def test_dpmpp_3m_knob_selects_the_update(third_order, weight):
+    """The registered ``dpmpp_3m`` runs the official update by default and the consistent one with
+    ``third_order: consistent``, each exactly as the plain function with that D'' weight."""
+    from bench.registry import METHODS
+
+    b = bundle("eps")
+    knobs = {} if third_order == "official" else {"third_order": third_order}
+    adapter = METHODS.get("dpmpp_3m")(**knobs)
+    assert adapter.config["third_order"] == third_order
+    prepared = adapter.prepare(b, 10)
+    out = prepared(start_noise().clone(), None, 1.0, generators(0, range(N_SAMPLES)))
+    ref = sample_dpmpp_3m(ODEModel(b.denoiser), start_noise().clone(), adapter.grid, True, d2_weight=weight)
+    assert torch.equal(out, ref)
 
 
 def test_corrector_raises_unipc_order_without_extra_nfe():
