@@ -200,6 +200,7 @@ def run_job(
         "n_samples": n,
         "seed": job.seed,
         "device": device,
+        "learned_params": prepared.info.get("learned_params"),  # a learned solver's trained parameter count
     }
     start_x = start_t = None
     if counter.first_inputs:

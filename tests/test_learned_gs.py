@@ -262,3 +262,22 @@ def test_solver_artifact_records_its_parameters_and_times(home):
     assert len(info["times"]) == 4 and info["times"][0] == info["base_times"][0]
     assert [a.record["name"] for a in prepared.artifacts] == ["solver"]
     assert art.record["parents"]  # the shared teacher pairs
+
+
+def test_a_job_row_carries_nfe_cost_and_learned_parameters(home):
+    from helpers import tiny_suite
+
+    from bench.suite import Job, ModelSpec
+    from bench.worker import run_job
+
+    b = build_model("gmm", dim=2, prediction="eps")
+    for method, n_params in (("gs", 27), ("ld3", 4)):
+        adapter = METHODS.get(method)(**{**TINY, "train_steps": 5})
+        job = Job(
+            ModelSpec("gmm", {"dim": 2, "prediction": "eps"}), method, tuple(sorted(adapter.config.items())), 4, 1.0, 0, 16, 16
+        )
+        row, _ = run_job(job, b, tiny_suite(metrics=("exact_mse",)))
+        assert row["nfe"] == 4 and row["learned_params"] == n_params
+        assert row["family"] == "learned_solver" and row["training"] == "params"
+        assert row["train_cost_s"] > 0 and row["train_teacher_nfe"] >= TINY["pairs"] * TINY["teacher_steps"]
+        assert len(row["artifact_id"].split(",")) == 1

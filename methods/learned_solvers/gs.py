@@ -90,7 +90,7 @@ class GeneralizedSolver(nn.Module):
     and the coefficients ``a`` (on points) and ``c`` (on data predictions) of every step's history,
     flattened (step i has i + 1 of each). All start where the base solver is."""
 
-    def __init__(self, t_base: np.ndarray, learn_times: bool = True, learn_coeffs: bool = True, learn_shift: bool = True):
+    def __init__(self, t_base: np.ndarray, learn_times: bool = True, learn_coeffs: bool = True, learn_shift: bool = True) -> None:
         super().__init__()
         t_base = np.asarray(t_base, dtype=np.float64)
         n = len(t_base) - 1
