@@ -402,7 +402,7 @@ class GeneralizedSolverMethod(LearnedSolverBase):
     )
     knobs = (
         *COMMON_KNOBS,
-        Knob("train_steps", int, 150, "optimiser steps", low=1, high=10_000_000, trains=True),
+        Knob("train_steps", int, 100, "optimiser steps", low=1, high=10_000_000, trains=True),
         Knob("batch_size", int, 16, "pairs per optimiser step", low=1, high=65536, trains=True),
         Knob("lr", float, 5e-3, "Adam learning rate (warm-up, then cosine decay)", low=1e-7, high=1.0, trains=True),
         Knob("ema", float, 0.9, "EMA decay of the parameters (0: none)", low=0.0, high=0.99999, trains=True),
