@@ -216,8 +216,8 @@ class ConstantPredictor(nn.Module):
         return r * one, one, ct * one
 
 
-WARM_R = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-WARM_CT = (0.82, 0.9, 1.0, 1.1, 1.18)
+WARM_R = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8)
+WARM_CT = (0.85, 1.0, 1.15)
 
 
 def warm_start(
@@ -316,14 +316,14 @@ def _knobs(default_schedule: str) -> tuple[Knob, ...]:
         Knob(
             "teacher_h",
             float,
-            0.15,
+            0.3,
             "largest log-SNR step of the teacher (more substeps where M leaves larger)",
             low=1e-3,
             high=10.0,
             trains=True,
         ),  # fmt: skip
-        Knob("train_samples", int, 256, "teacher trajectories (training noise draws)", low=1, high=100_000, trains=True),
-        Knob("train_steps", int, 150, "optimiser steps (each over every student step)", low=1, high=1_000_000, trains=True),
+        Knob("train_samples", int, 128, "teacher trajectories (training noise draws)", low=1, high=100_000, trains=True),
+        Knob("train_steps", int, 100, "optimiser steps (each over every student step)", low=1, high=1_000_000, trains=True),
         Knob("batch_size", int, 32, "trajectories per optimiser step", low=1, high=65536, trains=True),
         Knob("lr", float, 1e-2, "Adam learning rate (warm-up, cosine decay)", low=1e-6, high=1.0, trains=True),
         Knob("seed", int, 0, "seed of the predictor's initialisation and batches", low=0, trains=True),
@@ -362,7 +362,11 @@ class AMEDBase(MethodAdapter):
         c = self.config
         kinds = self.kinds(steps)
         cfg_rows = 2 if w != 1.0 and bundle.num_classes else 1
-        teacher = c["train_samples"] * len(kinds) * 2 * (c["teacher_substeps"] + 1) * cfg_rows
+        sb = self.grid(bundle, steps).sigma_bar
+        subs = sum(
+            max(c["teacher_substeps"] + 1, math.ceil(math.log(sb[i] / sb[i + 1]) / c["teacher_h"])) for i in range(len(sb) - 2)
+        )
+        teacher = c["train_samples"] * (2 * subs + len(kinds) + 1) * cfg_rows
         budget = {"teacher_rows": teacher, "optimizer_steps": c["train_steps"], "batch_size": c["batch_size"]}
         return [artifact_spec(self, bundle, "predictor", {"guidance": w, "nfe": steps}, budget=budget)]
 
@@ -380,7 +384,7 @@ class AMEDBase(MethodAdapter):
 
     @torch.no_grad()
     def teacher_states(
-        self, ev_ve: Evaluator, coords: Coords, grid: Grid, z: torch.Tensor, m: int, h_max: float = 0.15
+        self, ev_ve: Evaluator, coords: Coords, grid: Grid, z: torch.Tensor, m: int, h_max: float = 0.3
     ) -> list[torch.Tensor]:
         """The teacher's states at the student's grid points, in the student's frame: DPM-Solver-2
         (AMED-Solver with r = 1/2) in EDM's frame with ``m`` points between consecutive student
@@ -469,7 +473,7 @@ class AMEDSolver(AMEDBase):
             return (y_next - Y[n + 1][idx]).flatten(1).pow(2).sum(1).mean()
 
         if c["warm_start"]:
-            first = torch.arange(min(64, Y.shape[1]))
+            first = torch.arange(min(32, Y.shape[1]))
             with torch.no_grad():
                 warm_start(pred, trained, lambda n, table: float(step_loss(ConstantPredictor(table), first, n)))
 
@@ -610,7 +614,7 @@ class AMEDPlugin(AMEDBase):
             return parts
 
         if c["warm_start"]:
-            first = torch.arange(min(64, Y.shape[1]))
+            first = torch.arange(min(32, Y.shape[1]))
             trained = [n for n, k in enumerate(kinds) if k == 2]
             with torch.no_grad():
                 warm_start(pred, trained, lambda n, table: float(step_losses(ConstantPredictor(table), first)[n]))

@@ -80,7 +80,7 @@ class BOSS(MethodAdapter):
         ),  # fmt: skip
         Knob("fine_schedule", str, "uniform", "schedule of the teacher's fine grid", choices=FINE_SCHEDULES, trains=True),
         Knob("rho", float, 7.0, "Karras rho (fine_schedule=karras)", low=1.0, high=20.0, trains=True),
-        Knob("samples", int, 128, "teacher trajectories (training noise draws)", low=1, high=100_000, trains=True),
+        Knob("samples", int, 64, "teacher trajectories (training noise draws)", low=1, high=100_000, trains=True),
     )
 
     def fine_grid(self, bundle: ModelBundle) -> Grid:
