@@ -230,7 +230,7 @@ def test_training_seeds_are_disjoint_from_evaluation_seeds(home):
 
     def hook(module, args):
         x, t = args[0], args[1]
-        if float(t.flatten()[0]) == 999.0:
+        if float(t.detach().flatten()[0]) == 999.0:
             seen.append(x.detach().clone())
 
     h = b.denoiser.net.register_forward_pre_hook(hook)
