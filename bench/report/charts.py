@@ -127,39 +127,62 @@ def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, floa
     """Speedup at matched quality (y) against training class and measured training cost (x), one
     point per method, coloured by family; the closing chart of the seed talk. ``teacher_costs``
     (model -> seconds): the teacher network's own training, drawn for scale in the full-training
-    band at 1x (the reference sampler runs that network)."""
+    band at 1x (the reference sampler runs that network). Methods with no configuration within
+    tolerance have no speedup at matched quality: they sit in a strip under each panel, in their
+    training band at their measured cost, one row each, never on the speedup scale."""
     t = speedups.table
     teacher_costs = teacher_costs or {}
     models = sorted(t["model"].unique()) if len(t) else []
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.5 * max(len(models), 1), 4.8), squeeze=False)
+    ncol = max(len(models), 1)
+    n_floor = max([int((~t[t["model"] == m]["matched"]).sum()) for m in models] or [0])
+    strip_h = 0.16 * n_floor + 0.5 if n_floor else 0.0
+    fig = plt.figure(figsize=(6.5 * ncol, 4.8 + strip_h))
+    rule = textwrap.fill(f"matched: {speedups.rule()}", width=int(24 * fig.get_figwidth()))
+    w, h = fig.get_figwidth(), fig.get_figheight()
+    grid = fig.add_gridspec(
+        2 if n_floor else 1,
+        ncol,
+        height_ratios=[4.0, strip_h] if n_floor else [1.0],
+        hspace=0.05,
+        wspace=0.9 / 6.5,
+        left=0.8 / w,
+        right=1 - 2.2 / w,  # room for the legend
+        bottom=0.7 / h,
+        top=1 - (0.75 + 0.15 * (rule.count("\n") + 2)) / h,  # room for the title and the panel titles
+    )
     fam_colour = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
-    max_cost = max([float(t["train_cost_s"].max()) if len(t) else 0.0, *teacher_costs.values()])
+    costs = [c for c in [*(t["train_cost_s"].astype(float) if len(t) else []), *teacher_costs.values()] if c > 0]
+    lo, hi = (np.log(min(costs)), np.log(max(costs))) if costs else (0.0, 1.0)
+
+    def xpos(cls: str, cost: float, k: int, n: int) -> float:
+        band = TRAINING_CLASSES.index(cls) if cls in TRAINING_CLASSES else len(TRAINING_CLASSES)
+        if cost > 0 and hi > lo:  # log cost between the cheapest and the dearest training of the chart
+            return band - 0.35 + 0.7 * (np.log(cost) - lo) / (hi - lo)
+        if cost > 0:
+            return float(band)
+        return band - 0.4 + 0.8 * (k + 0.5) / max(n, 1)  # no training: spread so labels stay apart
+
     labels: dict[Any, list[tuple[float, float, str]]] = {}
-    for ax, model in zip(axes[0], models, strict=False):
+    bottoms = []
+    for col, model in enumerate(models):
+        ax = fig.add_subplot(grid[0, col])
         sub = t[t["model"] == model]
         matched = sub[sub["matched"]]
         for band in range(len(TRAINING_CLASSES)):
             if band % 2 == 0:
                 ax.axvspan(band - 0.5, band + 0.5, color="0.95", zorder=0)
         for cls, grp in matched.groupby("training"):
-            band = TRAINING_CLASSES.index(cls) if cls in TRAINING_CLASSES else len(TRAINING_CLASSES)
             for k, (_, s) in enumerate(grp.sort_values("method").iterrows()):
-                if max_cost > 0 and s["train_cost_s"] > 0:
-                    off = -0.3 + 0.6 * np.log1p(s["train_cost_s"]) / np.log1p(max_cost)
-                else:  # no training: spread the methods of the band so their labels stay apart
-                    off = -0.4 + 0.8 * (k + 0.5) / len(grp)
-                xpos = band + off
-                ax.scatter(xpos, s["speedup"], s=60, color=fam_colour.get(s["family"], "black"), edgecolor="black", zorder=3)
+                x = xpos(str(cls), float(s["train_cost_s"] or 0.0), k, len(grp))
+                ax.scatter(x, s["speedup"], s=60, color=fam_colour.get(s["family"], "black"), edgecolor="black", zorder=3)
                 ref = " (ref)" if s["is_reference_method"] else ""
                 cost = f"\n{fmt.duration(s['train_cost_s'])}" if s["train_cost_s"] > 0 else ""
-                labels.setdefault(ax, []).append((xpos, float(s["speedup"]), f"{s['method']}{ref}{cost}"))
+                labels.setdefault(ax, []).append((x, float(s["speedup"]), f"{s['method']}{ref}{cost}"))
         if model in teacher_costs:  # the teacher's own training, for scale
-            band = TRAINING_CLASSES.index("full")
-            xpos = band - 0.3 + 0.6 * np.log1p(teacher_costs[model]) / np.log1p(max_cost)
-            ax.scatter(xpos, 1.0, s=130, marker="*", color="0.25", zorder=3)
-            labels.setdefault(ax, []).append((xpos, 1.0, f"teacher's own\ntraining {fmt.duration(teacher_costs[model])}"))
+            x = xpos("full", teacher_costs[model], 0, 1)
+            ax.scatter(x, 1.0, s=130, marker="*", color="0.25", zorder=3)
+            labels.setdefault(ax, []).append((x, 1.0, f"teacher's own\ntraining {fmt.duration(teacher_costs[model])}"))
         ax.axhline(1.0, color="black", lw=0.8, ls=":")
-        ax.set_xticks(range(len(TRAINING_CLASSES)), [TRAINING_NAMES[c] for c in TRAINING_CLASSES], fontsize=8)
         ax.set_xlim(-0.5, len(TRAINING_CLASSES) - 0.5)
         if len(matched) and (matched["speedup"] > 0).all():
             ax.set_yscale("log")
@@ -167,28 +190,31 @@ def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, floa
             ax.set_ylim(min(ymin, 1.0) / 1.6, max(ymax, 1.0) * 1.6)
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
             ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if str(f"{v:g}")[0] in "25" else ""))
-        ax.set_xlabel("training class (position within a class: measured training cost, log)")
         ax.set_ylabel(f"speedup at matched {speedups.metric} (x reference)")
         ax.set_title(f"{model}\nreference: {speedups.references[model].label}", fontsize=9)
-        # methods with no configuration within tolerance have no speedup at matched quality: they are
-        # shown hollow on the panel's floor, in their training band at their measured cost, never on the y scale
-        unmatched = sub[~sub["matched"]].sort_values("method")
-        floor = ax.get_xaxis_transform()  # x in data, y in axes fraction
-        for k, (_, s) in enumerate(unmatched.iterrows()):
-            band = TRAINING_CLASSES.index(s["training"]) if s["training"] in TRAINING_CLASSES else len(TRAINING_CLASSES)
-            cost = float(s["train_cost_s"] or 0.0)
-            off = (
-                -0.3 + 0.6 * np.log1p(cost) / np.log1p(max_cost)
-                if max_cost > 0 and cost > 0
-                else -0.4 + 0.8 * (k + 0.5) / len(unmatched)
-            )
-            ax.scatter(band + off, 0.04, s=50, facecolor="none", edgecolor=fam_colour.get(s["family"], "black"), lw=1.5,
-                       transform=floor, zorder=3, clip_on=False)  # fmt: skip
-            text = f"{s['method']} (not matched)" + (f"\n{fmt.duration(cost)}" if cost > 0 else "")
-            ax.annotate(
-                text, (band + off, 0.04), xycoords=floor, xytext=(5, 3), textcoords="offset points", fontsize=6.5, color="0.3"
-            )
         ax.grid(alpha=0.3, axis="y")
+        bottom = ax
+        unmatched = sub[~sub["matched"]].sort_values(["train_cost_s", "method"])
+        if n_floor:
+            ax.tick_params(axis="x", labelbottom=False)
+            bottom = fig.add_subplot(grid[1, col], sharex=ax)
+            for band in range(len(TRAINING_CLASSES)):
+                if band % 2 == 0:
+                    bottom.axvspan(band - 0.5, band + 0.5, color="0.95", zorder=0)
+            for k, (_, s) in enumerate(unmatched.iterrows()):
+                cost = float(s["train_cost_s"] or 0.0)
+                x = xpos(str(s["training"]), cost, k, len(unmatched))
+                bottom.scatter(x, k, s=30, facecolor="white", edgecolor=fam_colour.get(s["family"], "black"), lw=1.5, zorder=3)
+                text = s["method"] + (f" {fmt.duration(cost)}" if cost > 0 else "")
+                right = x < len(TRAINING_CLASSES) - 1.2  # labels of the last band go to the left of their point
+                bottom.annotate(text, (x, k), xytext=(5 if right else -5, 0), textcoords="offset points",
+                                ha="left" if right else "right", va="center", fontsize=6.5, color="0.25")  # fmt: skip
+            bottom.set_ylim(n_floor - 0.4, -0.6)
+            bottom.set_yticks([])
+            bottom.set_ylabel("not matched", fontsize=8)
+        bottom.set_xticks(range(len(TRAINING_CLASSES)), [TRAINING_NAMES[c] for c in TRAINING_CLASSES], fontsize=8)
+        bottom.set_xlabel("training class (position within a class: measured training cost, log)")
+        bottoms.append(bottom)
     fams = sorted(set(t["family"])) if len(t) else []
     handles = [plt.Line2D([], [], color=fam_colour.get(f, "black"), marker="o", ls="", mec="black", label=f) for f in fams]
     if teacher_costs:
@@ -204,15 +230,12 @@ def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, floa
                 marker="o",
                 mfc="none",
                 ls="",
-                label="hollow, on the floor:\nno configuration\nwithin tolerance",
-            )
+                label="hollow, in the strip below:\nno configuration\nwithin tolerance",
+            )  # fmt: skip
         )
     if handles:
         fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.995, 0.8), fontsize=8, title="family", title_fontsize=8)
-    rule = textwrap.fill(f"matched: {speedups.rule()}", width=int(24 * fig.get_figwidth()))
     fig.suptitle(f"speedup at matched quality (reference {speedups.cost} / method's) vs training cost\n{rule}", fontsize=10)
-    top = 1 - (0.08 + 0.15 * (rule.count("\n") + 2)) / fig.get_figheight()
-    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), top))
     for ax, items in labels.items():  # after the layout: placement works in display coordinates
         place_labels(ax, items)
     fig.savefig(path, dpi=100)
