@@ -1,4 +1,4 @@
-"""AMED and BOSS train on their own noise: every state their builds feed the network at the start
+"""AMED, BOSS and AutoDiffusion train on their own noise: every state their builds feed the network at the start
 time is a training draw (seeds LEARNED_SEED), none the noise of any sample of any committed suite
 or of suite seeds 0-9; structurally, sample_seed(LEARNED_SEED, k) = sample_seed(s, j) with
 j, k < 1_000_003 and no wrap-around only when s = LEARNED_SEED, which no committed suite uses."""
@@ -10,6 +10,7 @@ import torch
 import yaml
 
 import methods.learned_solvers.amed  # noqa: F401  (registers amed_solver, amed_plugin)
+import methods.learned_solvers.autodiffusion  # noqa: F401
 import methods.learned_solvers.boss  # noqa: F401
 from bench.models import build_model
 from bench.paths import REPO
@@ -48,6 +49,7 @@ def test_builds_draw_only_training_noise(home, monkeypatch):
     """Every draw a build takes comes through ``training_noise`` (seeds LEARNED_SEED), and the first
     state each build feeds the network is one of them; none is an evaluation draw."""
     import methods.learned_solvers.amed as amed
+    import methods.learned_solvers.autodiffusion as ad
     import methods.learned_solvers.boss as boss
     import methods.learned_solvers.trajectories as tr
 
@@ -61,6 +63,7 @@ def test_builds_draw_only_training_noise(home, monkeypatch):
 
     monkeypatch.setattr(amed, "training_noise", spy)
     monkeypatch.setattr(boss, "training_noise", spy)
+    monkeypatch.setattr(ad, "training_noise", spy)
     first: list[torch.Tensor] = []
 
     def hook(module, args):
@@ -73,9 +76,10 @@ def test_builds_draw_only_training_noise(home, monkeypatch):
         METHODS.get("amed_solver")(**tiny).prepare(b, 4, guidance=1.0)
         METHODS.get("amed_plugin")(**tiny).prepare(b, 4, guidance=1.0)
         METHODS.get("boss")(fine_steps=20, samples=32).prepare(b, 4, guidance=1.0)
+        METHODS.get("autodiffusion")(population=4, iterations=1, calib_samples=32).prepare(b, 4, guidance=1.0)
     finally:
         h.remove()
-    assert len(drawn) == 3 and len(first) == 3
+    assert len(drawn) == 4 and len(first) == 4
     train = torch.cat(drawn)
     draws = noise(generators(LEARNED_SEED, range(32)), (2,), torch.float64)
     assert all(torch.equal(z, draws) for z in drawn)
