@@ -94,6 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         store=Path(args.store) if args.store else None,
     )
+    from bench.history.cohort import write_sidecar
+
+    write_sidecar(run_dir, suite)  # weights and metric code, for `bench history`'s cohorts
     png, md = write_summary(run_dir)
     import pandas as pd
 
@@ -339,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.calibrate import add_parser as add_calibrate_parser
 
     add_calibrate_parser(sub)  # calibrate, build
+    from bench.history.command import add_parser as add_history_parser
+
+    add_history_parser(sub)  # history
     return p
 
 

@@ -1,0 +1,102 @@
+"""``bench history SUITE``: the suite's runs over commits (see :mod:`bench.history.track`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.history.db import open_db, suite_history
+from bench.history.track import DEFAULT_K, DEFAULT_QUALITY_TOL, DEFAULT_SPEED_TOL, LATENCY, build_history, markdown
+from bench.report.data import RESULTS, RunError
+
+ROW_COLUMNS = ["model", "method", "knobs", "steps", "guidance", "status", "error", LATENCY, "latency_per_image_iqr_s"]
+
+
+def default_metric(db, suite: str) -> str:
+    """The suite's first metric with values in its latest run."""
+    from bench.registry import METRICS
+
+    runs = db.sql("SELECT path FROM runs WHERE suite = ? ORDER BY started DESC, run_id DESC LIMIT 1", [suite])
+    from bench.report.data import load_run
+
+    metrics = load_run(Path(runs["path"].iloc[0])).metrics
+    if not metrics:
+        raise RunError(f"the latest run of {suite} has no metric values; pass --metric (one of {', '.join(METRICS.names())})")
+    return metrics[0]
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    results = Path(args.results or RESULTS)
+    db = open_db(results)
+    try:
+        if args.sql:
+            with __import__("pandas").option_context("display.max_rows", 200, "display.max_columns", 50, "display.width", 200):
+                print(db.sql(args.sql).to_string(index=False))
+            return 0
+        suites = db.sql("SELECT DISTINCT suite FROM runs ORDER BY suite")["suite"].tolist()
+        if args.suite not in suites:
+            raise RunError(
+                f"no run of suite {args.suite!r} under {results} (suites with runs: {', '.join(suites) or 'none'}); "
+                f"`bench run {args.suite}` first"
+            )
+        metric = args.metric or default_metric(db, args.suite)
+        cols = ROW_COLUMNS + [metric, f"{metric}_ci_low", f"{metric}_ci_high"]
+        rows = suite_history(db, args.suite, cols)
+        if rows[metric].isna().all():
+            raise RunError(f"no run of {args.suite} has values of {metric!r}; pass --metric")
+        hist = build_history(rows, args.suite, metric, args.k, args.quality_tol, args.speed_tol)
+    except Exception as e:
+        if type(e).__module__.startswith("duckdb"):
+            print(f"bench history: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        db.close()
+    md = markdown(hist)
+    print(md)
+    out = Path(args.out) if args.out else Path("reports") / f"history-{args.suite}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "history.md").write_text(md)
+    print(f"summary: {out / 'history.md'}")
+    if not args.no_page:
+        from bench.history.page import write_page
+
+        index = write_page(hist, out, db.path)
+        print(f"page: {index}")
+        if args.screenshot:
+            from bench.report.browser import BrowserError, check_page
+
+            try:
+                check = check_page(index, out / "screenshot.png")
+            except BrowserError as e:
+                print(f"bench history: browser check: {e}", file=sys.stderr)
+                return 2
+            print(check.summary())
+            if not check.ok:
+                return 1
+    print(f"database: {db.path}")
+    return 0 if hist.ok else 1
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "history",
+        help="a suite's runs over commits: rolling baseline per cohort, steps, PASS/REGRESSION/IMPROVEMENT/CALIBRATION_NEEDED; "
+        "exit 1 on a regression",
+    )
+    s.add_argument("suite", help="the suite's name (its runs are results/<suite>/*/)")
+    s.add_argument("--results", help="results root (default: results/)")
+    s.add_argument("--metric", help="quality metric (default: the suite's first metric)")
+    s.add_argument(
+        "--k", type=int, default=DEFAULT_K, help=f"rolling baseline: median of the last k runs of the cohort ({DEFAULT_K})"
+    )
+    s.add_argument(
+        "--quality-tol", type=float, default=DEFAULT_QUALITY_TOL, help="allowed quality loss beyond the CI, relative (0.05)"
+    )
+    s.add_argument("--speed-tol", type=float, default=DEFAULT_SPEED_TOL, help="allowed latency increase, relative (0.2)")
+    s.add_argument("--out", help="output directory of the page and summary (default: reports/history-SUITE/)")
+    s.add_argument("--no-page", action="store_true", help="print the summary only")
+    s.add_argument("--screenshot", action="store_true", help="open the page in headless Chromium, check it, save screenshot.png")
+    s.add_argument("--sql", metavar="QUERY", help="run a SQL query over the database (tables runs, cohorts; views rows, history)")
+    s.set_defaults(fn=cmd_history)
