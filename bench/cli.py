@@ -342,9 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.calibrate import add_parser as add_calibrate_parser
 
     add_calibrate_parser(sub)  # calibrate, build
+    from bench.history.command import add_audit_parser
     from bench.history.command import add_parser as add_history_parser
 
     add_history_parser(sub)  # history
+    add_audit_parser(sub)  # audit
     return p
 
 

@@ -100,3 +100,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--screenshot", action="store_true", help="open the page in headless Chromium, check it, save screenshot.png")
     s.add_argument("--sql", metavar="QUERY", help="run a SQL query over the database (tables runs, cohorts; views rows, history)")
     s.set_defaults(fn=cmd_history)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from bench.history.audit import audit_run
+
+    rep = audit_run(args.run, args.method, args.max_jobs, args.speed_tol, args.quality_tol, args.device)
+    md = rep.markdown()
+    print(md)
+    if rep.run.run_dir is not None:
+        (rep.run.run_dir / "audit.md").write_text(md)
+        print(f"summary: {rep.run.run_dir / 'audit.md'}")
+    return 0 if rep.ok else 1
+
+
+def add_audit_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "audit",
+        help="audit a run: fresh never-seen seeds vs the run's (speed from repeated inputs?), scored samples = timed samples, "
+        "inert caches; exit 1 on a failed audit",
+    )
+    s.add_argument("run", help="a run directory results/<suite>/<run-id>, or a run id")
+    s.add_argument("--method", action="append", help="audit only this method's jobs (repeatable; default: every finished job)")
+    s.add_argument("--max-jobs", type=int, help="audit at most this many jobs (each is run twice)")
+    s.add_argument(
+        "--speed-tol", type=float, default=0.5, help="fail when fresh seeds are slower than (1 + this) x the run's seeds (0.5)"
+    )
+    s.add_argument(
+        "--quality-tol", type=float, default=0.05, help="quality loss on fresh seeds allowed beyond both CIs, relative (0.05)"
+    )
+    s.add_argument("--device", default="cpu", help="device to rerun the jobs on (cpu)")
+    s.set_defaults(fn=cmd_audit)
