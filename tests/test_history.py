@@ -128,3 +128,19 @@ def test_single_outlier_is_not_a_step():
     assert detect_steps(y) == []
     y2 = y[:6] + [1.5] * 6
     assert [s.index for s in detect_steps(y2)] == [6]
+
+
+def test_inert_cache_in_the_latest_run_is_flagged_on_the_page(tmp_path: Path, capsys):
+    build(tmp_path, 3)
+    rng = np.random.default_rng(2)
+    rows = _rows(3, rng)
+    rows += [
+        r | {"method": "fora", "family": "caching", "units_fraction": f} for r, f in zip(_rows(3, rng), (1.0, 0.5), strict=True)
+    ]
+    rows[2]["knobs"] = '{"interval": 1}'
+    make_run(tmp_path, "run03", fake_commit(3), "2026-01-04T00:00:00", rows)
+    assert main(["history", "synth", "--results", str(tmp_path), "--out", str(tmp_path / "page")]) == 0
+    out = capsys.readouterr().out
+    assert "## Inert caches in the latest run" in out and out.count("units_fraction = 1") == 1
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert "fora[interval=1] 10 steps w=1" in page and "skips nothing" in page

@@ -31,13 +31,18 @@ DEVICE_KEYS = ("type", "processor", "threads")
 
 def measured_code(suite: Any) -> dict[str, Any]:
     """What ``bench run`` records beside ``run.json`` for the cohort: each model's weights hash,
-    each metric's code version and the harness code version, computed by the code that ran."""
+    each metric's code version and the harness code version, computed by the code that ran (a
+    diffusers pipeline is named by its options, hub id or path and revision, not hashed: that would
+    load it again)."""
     from bench.codeversion import code_version, module_of
     from bench.models import build_model
     from bench.registry import METRICS
 
     weights: dict[str, str] = {}
     for m in suite.models:
+        if m.name == "diffusers":  # loading a pipeline again only to hash it is too dear: its hub id / path and revision
+            weights[m.label] = "pipeline:" + json.dumps(m.options, sort_keys=True, default=str)
+            continue
         try:
             weights[m.label] = build_model(m.name, **m.options).weights_hash
         except Exception as e:  # a model that cannot be built here (a pipeline not on the machine)

@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.history.audit import inert_caches
 from bench.history.db import open_db, suite_history
 from bench.history.track import DEFAULT_K, DEFAULT_QUALITY_TOL, DEFAULT_SPEED_TOL, LATENCY, build_history, markdown
-from bench.report.data import RESULTS, RunError
+from bench.report.data import RESULTS, RunError, load_run
 
 ROW_COLUMNS = ["model", "method", "knobs", "steps", "guidance", "status", "error", LATENCY, "latency_per_image_iqr_s"]
 
@@ -18,8 +19,6 @@ def default_metric(db, suite: str) -> str:
     from bench.registry import METRICS
 
     runs = db.sql("SELECT path FROM runs WHERE suite = ? ORDER BY started DESC, run_id DESC LIMIT 1", [suite])
-    from bench.report.data import load_run
-
     metrics = load_run(Path(runs["path"].iloc[0])).metrics
     if not metrics:
         raise RunError(f"the latest run of {suite} has no metric values; pass --metric (one of {', '.join(METRICS.names())})")
@@ -46,6 +45,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         if rows[metric].isna().all():
             raise RunError(f"no run of {args.suite} has values of {metric!r}; pass --metric")
         hist = build_history(rows, args.suite, metric, args.k, args.quality_tol, args.speed_tol)
+        latest = db.sql("SELECT path FROM runs WHERE suite = ? ORDER BY started DESC, run_id DESC LIMIT 1", [args.suite])
+        inert = inert_caches(load_run(Path(latest["path"].iloc[0])).df)
     except Exception as e:
         if type(e).__module__.startswith("duckdb"):
             print(f"bench history: {type(e).__name__}: {e}", file=sys.stderr)
@@ -54,6 +55,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     finally:
         db.close()
     md = markdown(hist)
+    if inert:
+        md += "\n## Inert caches in the latest run\n\n" + "\n".join(f"- {f.label}: {f.detail}" for f in inert) + "\n"
     print(md)
     out = Path(args.out) if args.out else Path("reports") / f"history-{args.suite}"
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +65,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     if not args.no_page:
         from bench.history.page import write_page
 
-        index = write_page(hist, out, db.path)
+        index = write_page(hist, out, db.path, inert)
         print(f"page: {index}")
         if args.screenshot:
             from bench.report.browser import BrowserError, check_page

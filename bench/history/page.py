@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.history.audit import AuditFinding  # noqa: E402
 from bench.history.track import CALIBRATION_NEEDED, IMPROVEMENT, PASS, REGRESSION, ConfigHistory, History  # noqa: E402
 from bench.report import fmt  # noqa: E402
 from bench.report.data import higher_is_better  # noqa: E402
@@ -75,8 +76,8 @@ def config_figure(cfg: ConfigHistory, metric: str, path: Path) -> Path:
     return path
 
 
-def write_page(h: History, out: Path, db_path: Path | None = None) -> Path:
-    """``out/index.html`` and one PNG per configuration beside it."""
+def write_page(h: History, out: Path, db_path: Path | None = None, inert: list[AuditFinding] | None = None) -> Path:
+    """``out/index.html`` and one PNG per configuration beside it; ``inert``: the latest run's inert caches."""
     out.mkdir(parents=True, exist_ok=True)
     c = h.counts()
     verdict = (
@@ -126,8 +127,16 @@ def write_page(h: History, out: Path, db_path: Path | None = None) -> Path:
     db = f'<p>Query every run\'s rows with SQL: <code>bench history {esc(h.suite)} --sql "SELECT ..."</code>' + (
         f" (DuckDB file <code>{esc(db_path)}</code>: tables runs, cohorts; views rows, history)</p>" if db_path else "</p>"
     )
+    audits = (
+        "<p>Caching configurations of the latest run that compute every unit they enter (units_fraction = 1): their "
+        "knobs make them skip nothing, so any speedup they show is noise.</p>"
+        + fmt.html_table(["configuration", "finding"], [[f.label, f.detail] for f in inert], ["regression"] * len(inert))
+        if inert
+        else "<p>No inert cache in the latest run (no caching configuration computes every unit).</p>"
+    )
     sections = [
         ("status", "Status per configuration", summary),
+        ("audits", "Inert caches", audits),
         ("trends", "Trends", "\n".join(figs)),
         ("commits", "Commits in order", commits + db),
     ]
