@@ -108,6 +108,9 @@ def test_unknown_suite_is_bad_input(tmp_path: Path, capsys):
     build(tmp_path, 2)
     assert main(["history", "nosuch", "--results", str(tmp_path)]) == 2
     assert "no run of suite 'nosuch'" in capsys.readouterr().err
+    assert main(["history", "synth", "--results", str(tmp_path), "--sql", "SELEC 1"]) == 2
+    assert "ParserException" in capsys.readouterr().err
+    assert main(["history", "synth", "--results", str(tmp_path), "--k", "0", "--no-page"]) == 2
 
 
 def test_false_step_rate_on_control_series_is_below_one_percent():

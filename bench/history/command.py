@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from bench.history.audit import inert_caches
 from bench.history.db import open_db, suite_history
 from bench.history.track import DEFAULT_K, DEFAULT_QUALITY_TOL, DEFAULT_SPEED_TOL, LATENCY, build_history, markdown
@@ -26,11 +28,17 @@ def default_metric(db, suite: str) -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    import duckdb
+
     results = Path(args.results or RESULTS)
-    db = open_db(results)
+    try:
+        db = open_db(results)
+    except duckdb.Error as e:  # e.g. another process holds the database file
+        print(f"bench history: cannot open the database under {results}: {e}", file=sys.stderr)
+        return 2
     try:
         if args.sql:
-            with __import__("pandas").option_context("display.max_rows", 200, "display.max_columns", 50, "display.width", 200):
+            with pd.option_context("display.max_rows", 200, "display.max_columns", 50, "display.width", 200):
                 print(db.sql(args.sql).to_string(index=False))
             return 0
         suites = db.sql("SELECT DISTINCT suite FROM runs ORDER BY suite")["suite"].tolist()
@@ -47,11 +55,14 @@ def cmd_history(args: argparse.Namespace) -> int:
         hist = build_history(rows, args.suite, metric, args.k, args.quality_tol, args.speed_tol)
         latest = db.sql("SELECT path FROM runs WHERE suite = ? ORDER BY started DESC, run_id DESC LIMIT 1", [args.suite])
         inert = inert_caches(load_run(Path(latest["path"].iloc[0])).df)
-    except Exception as e:
-        if type(e).__module__.startswith("duckdb"):
-            print(f"bench history: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-        raise
+    except duckdb.Error as e:  # a bad --sql query, a Parquet file that cannot be read
+        print(f"bench history: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad --k or tolerances
+        if isinstance(e, RunError):
+            raise
+        print(f"bench history: {e}", file=sys.stderr)
+        return 2
     finally:
         db.close()
     md = markdown(hist)
