@@ -84,15 +84,30 @@ def test_cohort_change_is_calibration_needed_not_a_regression(tmp_path: Path, ca
     build(tmp_path)
     rng = np.random.default_rng(1)
     worse = _rows(N, rng, fid_shift=1.0, lat_scale=2.0)  # far worse numbers, on a new torch
-    make_run(tmp_path, "run14", fake_commit(14), "2026-01-15T00:00:00", worse, versions=VERSIONS | {"torch": "2.15.0"})
+    new = VERSIONS | {"torch": "2.15.0"}
+    make_run(tmp_path, "run14", fake_commit(14), "2026-01-15T00:00:00", worse, versions=new)
     h = history(tmp_path)
     assert {c.status for c in h.configs} == {CALIBRATION_NEEDED}
-    assert all("versions.torch: 2.14.1 -> 2.15.0" in c.reasons[0] for c in h.configs)
+    changed = f"cohort changed at commit {fake_commit(14)[:10]}: versions.torch: 2.14.1 -> 2.15.0"
+    assert all(c.reasons[1] == changed for c in h.configs)
     # steps are looked for within a cohort: the new cohort's one run adds none
     assert [s.commit for c in h.configs for s in c.steps] == [fake_commit(Q_STEP), fake_commit(L_STEP)]
     assert main(["history", "synth", "--results", str(tmp_path), "--out", str(tmp_path / "page")]) == 0
     out = capsys.readouterr().out
     assert "2 CALIBRATION_NEEDED" in out and (tmp_path / "page" / "index.html").is_file()
+    # a second run of the new cohort is still calibrating (2 earlier runs needed), a third is compared with them
+    for i in (15, 16):
+        make_run(
+            tmp_path,
+            f"run{i}",
+            fake_commit(i),
+            f"2026-01-{i + 1}T00:00:00",
+            _rows(N, rng, fid_shift=1.0, lat_scale=2.0),
+            versions=new,
+        )
+        h = history(tmp_path)
+        assert {c.status for c in h.configs} == ({CALIBRATION_NEEDED} if i == 15 else {PASS}), i
+    assert all(c.n_baseline == 2 for c in h.configs)
 
 
 def test_database_is_queryable_with_sql(tmp_path: Path, capsys):

@@ -10,7 +10,15 @@ import pandas as pd
 
 from bench.history.audit import inert_caches
 from bench.history.db import open_db, suite_history
-from bench.history.track import DEFAULT_K, DEFAULT_QUALITY_TOL, DEFAULT_SPEED_TOL, LATENCY, build_history, markdown
+from bench.history.track import (
+    DEFAULT_K,
+    DEFAULT_MIN_RUNS,
+    DEFAULT_QUALITY_TOL,
+    DEFAULT_SPEED_TOL,
+    LATENCY,
+    build_history,
+    markdown,
+)
 from bench.report.data import RESULTS, RunError, load_run
 
 ROW_COLUMNS = ["model", "method", "knobs", "steps", "guidance", "status", "error", LATENCY, "latency_per_image_iqr_s"]
@@ -52,7 +60,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         rows = suite_history(db, args.suite, cols)
         if rows[metric].isna().all():
             raise RunError(f"no run of {args.suite} has values of {metric!r}; pass --metric")
-        hist = build_history(rows, args.suite, metric, args.k, args.quality_tol, args.speed_tol)
+        hist = build_history(rows, args.suite, metric, args.k, args.quality_tol, args.speed_tol, min_runs=args.min_runs)
         latest = db.sql("SELECT path FROM runs WHERE suite = ? ORDER BY started DESC, run_id DESC LIMIT 1", [args.suite])
         inert = inert_caches(load_run(Path(latest["path"].iloc[0])).df)
     except duckdb.Error as e:  # a bad --sql query, a Parquet file that cannot be read
@@ -104,6 +112,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--metric", help="quality metric (default: the suite's first metric)")
     s.add_argument(
         "--k", type=int, default=DEFAULT_K, help=f"rolling baseline: median of the last k runs of the cohort ({DEFAULT_K})"
+    )
+    s.add_argument(
+        "--min-runs",
+        type=int,
+        default=DEFAULT_MIN_RUNS,
+        help=f"earlier runs of a cohort needed for a baseline; fewer: CALIBRATION_NEEDED ({DEFAULT_MIN_RUNS})",
     )
     s.add_argument(
         "--quality-tol", type=float, default=DEFAULT_QUALITY_TOL, help="allowed quality loss beyond the CI, relative (0.05)"

@@ -109,7 +109,7 @@ def write_page(h: History, out: Path, db_path: Path | None = None, inert: list[A
     rule = (
         f"<p>Each configuration's latest run against its <b>rolling baseline</b>, the median of the last {h.k} earlier runs of "
         f"its cohort (same suite settings, device, libraries, bench, model weights and metric code); a configuration with "
-        f"no earlier run in its cohort is CALIBRATION_NEEDED, never a regression. Regression: quality worse than the baseline by "
+        f"fewer than {h.min_runs} earlier runs in its cohort is CALIBRATION_NEEDED, never a regression. Regression: quality worse than the baseline by "
         f"more than its CI half-width plus {h.quality_tol:.1%}, or latency above {1 + h.speed_tol:.2g}x the baseline and beyond 3 "
         f"robust SDs of its runs. Steps: penalised piecewise-constant L1 fit within each cohort, named by their first commit.</p>"
     )

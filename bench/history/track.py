@@ -4,9 +4,10 @@ For each configuration (model, method, knobs, steps, guidance) of a suite, its r
 order are split by cohort (:mod:`bench.history.cohort`). The latest run is compared with the
 *rolling baseline* of its cohort, the median of the last ``k`` earlier runs of that cohort:
 
-- CALIBRATION_NEEDED: no earlier run of the latest run's cohort (a new configuration, or the
-  suite's evaluation settings, device, libraries, bench, weights or metric code changed: what
-  changed is listed). Never a regression: the new cohort's first runs are its calibration;
+- CALIBRATION_NEEDED: fewer than ``min_runs`` earlier runs of the latest run's cohort (a new
+  configuration, or the suite's evaluation settings, device, libraries, bench, weights or metric
+  code changed: what changed is listed). Never a regression: a new cohort's first runs are its
+  calibration (with one run there is no spread to judge a latency by);
 - REGRESSION: the latest run failed, or its quality is worse than the baseline by more than the
   baseline runs' median CI half-width (on the worse side) plus ``quality_tol`` of the baseline, or
   its latency per image is above ``(1 + speed_tol)`` times the baseline and by more than 3 robust
@@ -33,6 +34,7 @@ from bench.report.data import config_key, config_label, higher_is_better
 
 PASS, REGRESSION, IMPROVEMENT, CALIBRATION_NEEDED = "PASS", "REGRESSION", "IMPROVEMENT", "CALIBRATION_NEEDED"
 DEFAULT_K = 5
+DEFAULT_MIN_RUNS = 2  # a cohort's first runs calibrate it: the baseline needs at least this many earlier runs
 DEFAULT_QUALITY_TOL = 0.05
 DEFAULT_SPEED_TOL = 0.2
 LATENCY_MIN_REL = 0.10  # a latency step smaller than 10% is not reported
@@ -76,6 +78,7 @@ class History:
     speed_tol: float
     configs: list[ConfigHistory]
     commits: list[str]
+    min_runs: int = DEFAULT_MIN_RUNS
 
     @property
     def ok(self) -> bool:
@@ -122,7 +125,13 @@ def _series_steps(pts: pd.DataFrame, col: str, axis: str, worse_up: bool, min_re
 
 
 def analyse_config(
-    pts: pd.DataFrame, metric: str, k: int, quality_tol: float, speed_tol: float, penalty: float = DEFAULT_PENALTY_FACTOR
+    pts: pd.DataFrame,
+    metric: str,
+    k: int,
+    quality_tol: float,
+    speed_tol: float,
+    penalty: float = DEFAULT_PENALTY_FACTOR,
+    min_runs: int = DEFAULT_MIN_RUNS,
 ) -> tuple[str, list[str], list[NamedStep], float, float, int]:
     """Status, reasons, steps, baseline value and latency, number of baseline runs of one configuration's series."""
     higher = higher_is_better(metric)
@@ -133,13 +142,15 @@ def analyse_config(
     last = pts.iloc[-1]
     earlier = ok[ok.index < pts.index[-1]]
     same = earlier[earlier["cohort"] == last["cohort"]].tail(k)
-    if len(same) == 0:
-        reasons = ["no earlier run of this cohort: the latest run starts its calibration"]
-        if len(earlier):
-            prev = earlier.iloc[-1]
+    if len(same) < min_runs:
+        reasons = [f"{len(same)} earlier run(s) of this cohort, {min_runs} needed for a baseline: calibrating"]
+        other = earlier[earlier["cohort"] != last["cohort"]]
+        if len(other):
+            prev = other.iloc[-1]
+            first = pts[(pts.index > prev.name) & (pts["cohort"] == last["cohort"])].iloc[0]
             changed = cohort_diff(json.loads(prev["cohort_fields"] or "{}"), json.loads(last["cohort_fields"] or "{}"))
-            reasons = [f"cohort changed at commit {str(last['commit'])[:10]}: " + "; ".join(changed[:6])]
-        return CALIBRATION_NEEDED, reasons, steps, math.nan, math.nan, 0
+            reasons.append(f"cohort changed at commit {str(first['commit'])[:10]}: " + "; ".join(changed[:6]))
+        return CALIBRATION_NEEDED, reasons, steps, math.nan, math.nan, len(same)
     base_v = float(np.nanmedian(same["value"])) if same["value"].notna().any() else math.nan
     base_l = float(np.nanmedian(same["latency"])) if same["latency"].notna().any() else math.nan
     if last["status"] != "ok":
@@ -178,10 +189,11 @@ def build_history(
     quality_tol: float = DEFAULT_QUALITY_TOL,
     speed_tol: float = DEFAULT_SPEED_TOL,
     penalty: float = DEFAULT_PENALTY_FACTOR,
+    min_runs: int = DEFAULT_MIN_RUNS,
 ) -> History:
     """``rows``: :func:`bench.history.db.suite_history` output (with the metric, its CI and latency columns)."""
-    if k < 1 or quality_tol < 0 or speed_tol < 0:
-        raise ValueError("--k must be >= 1 and the tolerances >= 0")
+    if k < 1 or min_runs < 1 or min_runs > k or quality_tol < 0 or speed_tol < 0:
+        raise ValueError("--k and --min-runs must be >= 1, --min-runs <= --k, and the tolerances >= 0")
     df = rows.reset_index(drop=True)
     df["_key"] = [config_key(r) for _, r in df.iterrows()]
     commits = list(dict.fromkeys(df["commit"].astype(str)))
@@ -204,9 +216,9 @@ def build_history(
                 "latency_iqr": pd.to_numeric(g.get("latency_per_image_iqr_s"), errors="coerce"),
             }
         ).reset_index(drop=True)
-        status, reasons, steps, bv, bl, nb = analyse_config(pts, metric, k, quality_tol, speed_tol, penalty)
+        status, reasons, steps, bv, bl, nb = analyse_config(pts, metric, k, quality_tol, speed_tol, penalty, min_runs)
         configs.append(ConfigHistory(str(key[0]), config_label(first), pts, status, reasons, steps, bv, bl, nb))
-    return History(suite, metric, k, quality_tol, speed_tol, configs, commits)
+    return History(suite, metric, k, quality_tol, speed_tol, configs, commits, min_runs)
 
 
 def markdown(h: History) -> str:
