@@ -93,7 +93,8 @@ def test_audit_catches_memoising_cheat_and_passes_honest_solvers(tmp_path: Path,
     assert rows.at["memo_cheat_test", "latency_s"] < rows.at["euler", "latency_s"] / 3
     # the audit flags at 3x here (its default 1.5x): on a shared 2-core machine an honest job's time swings by 2x, the
     # cheat's by three orders of magnitude
-    rep = audit_run(run_dir, speed_tol=2.0)
+    # (and its quality tolerance is 25%: with 16 samples one misclassified digit is 6%)
+    rep = audit_run(run_dir, speed_tol=2.0, quality_tol=0.25)
     got = {(f.audit, f.label.split()[1]): f for f in rep.findings}
     print(rep.markdown())
     cheat_f = got[("fresh_seeds", "memo_cheat_test")]
@@ -106,9 +107,8 @@ def test_audit_catches_memoising_cheat_and_passes_honest_solvers(tmp_path: Path,
     assert "FAIL fresh_seeds: digits-unet memo_cheat_test" in capsys.readouterr().out
 
 
-def test_scored_is_timed_catches_swapped_samples(tmp_path: Path, capsys):
-    suite = SUITE.replace("[euler, memo_cheat_test]", "[euler]").replace("steps: [2]", "steps: [2, 4]")
-    (tmp_path / "suite.yaml").write_text(suite)
+def test_scored_is_timed_catches_swapped_samples(tmp_path: Path):
+    (tmp_path / "suite.yaml").write_text(SUITE.replace("[euler, memo_cheat_test]", "[euler]"))
     assert (
         main(
             [
@@ -125,20 +125,17 @@ def test_scored_is_timed_catches_swapped_samples(tmp_path: Path, capsys):
         == 0
     )
     run_dir = tmp_path / "results" / "audit-slice" / "r"
+    assert [f.ok for f in audit_run(run_dir, audits=("scored_is_timed",)).findings] == [True]
+    # the row now names other samples (with a consistent digest): what was scored is not what was timed
     df = pd.read_parquet(run_dir / "results.parquet")
-    four = df.index[df["steps"] == 4][0]
-    two = df.index[df["steps"] == 2][0]
-    # the 4-step row now names the 2-step samples (with a consistent digest): what was scored is not what was timed
-    src = run_dir / "jobs" / df.at[two, "job_id"] / "samples.npy"
-    dst = run_dir / "jobs" / df.at[four, "job_id"] / "samples.npy"
-    dst.unlink()
-    dst.write_bytes(src.read_bytes())
-    df.at[four, "samples_sha256"] = samples_digest(np.load(src))
+    path = run_dir / "jobs" / df.at[0, "job_id"] / "samples.npy"
+    other = np.load(path) + np.float32(0.01)
+    path.unlink()
+    np.save(path, other)
+    df.at[0, "samples_sha256"] = samples_digest(other)
     df.to_parquet(run_dir / "results.parquet", index=False)
-    rep = audit_run(run_dir, audits=("scored_is_timed",))
-    assert [f.ok for f in rep.findings] == [True, False]  # the 2-step row is intact
-    f = rep.findings[1]
-    assert f.label.endswith("4 steps w=1") and not f.ok and "differ from the timed ones" in f.detail, f.detail
+    [f] = audit_run(run_dir, audits=("scored_is_timed",)).findings
+    assert not f.ok and "differ from the timed ones by up to 0.01" in f.detail, f.detail
 
 
 def test_inert_cache_is_flagged():

@@ -57,7 +57,8 @@ def test_history_of_three_real_quick_runs(tmp_path: Path, capsys):
         rc = main(["run", str(suite), "--results", str(results), "--run-id", f"r{i}", "--fresh", "--no-progress"])
         assert rc == 0
         _set_commit(results / "quick" / f"r{i}", c)
-        assert (results / "quick" / f"r{i}" / "cohort.json").is_file()
+        side = json.loads((results / "quick" / f"r{i}" / "cohort.json").read_text())
+        assert len(side["weights"]["digits-unet"]) >= 12 and set(side["metric_code"]) == {"fid"} and side["harness_code"]
     capsys.readouterr()
     out = tmp_path / "page"
     rc = main(["history", "quick", "--results", str(results), "--out", str(out), "--screenshot"])
