@@ -19,6 +19,7 @@ from bench.history.track import (
     build_history,
     markdown,
 )
+from bench.paths import REPO
 from bench.report.data import RESULTS, RunError, load_run
 
 ROW_COLUMNS = ["model", "method", "knobs", "steps", "guidance", "status", "error", LATENCY, "latency_per_image_iqr_s"]
@@ -77,7 +78,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     if inert:
         md += "\n## Inert caches in the latest run\n\n" + "\n".join(f"- {f.label}: {f.detail}" for f in inert) + "\n"
     print(md)
-    out = Path(args.out) if args.out else Path("reports") / f"history-{args.suite}"
+    out = Path(args.out) if args.out else REPO / "reports" / f"history-{args.suite}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.md").write_text(md)
     print(f"summary: {out / 'history.md'}")
