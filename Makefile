@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch/torchvision: the CPU/CUDA wheels pip resolves here (capped at 2.14.1 / 0.29.1)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the catalogue `bench list` answers from without importing torch and the methods (bench/catalog.py)
+	$(BIN)/python -m bench.catalog
 	touch $(STAMP)
 
 install: $(STAMP)

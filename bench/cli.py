@@ -1,4 +1,11 @@
-"""The ``bench`` command line."""
+"""The ``bench`` command line.
+
+Nothing heavy is imported to build the parser: torch, diffusers, the methods, pandas and Ray are
+imported by the command that needs them, so that ``bench --help`` and ``bench list`` (which reads
+:mod:`bench.catalog`) answer in well under 2 s. The subcommands defined in modules that import
+torch at their top (``calibrate`` and ``build``, in :mod:`bench.calibrate`) are added as stubs with
+their help line, and for real only when one of them is the command given.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.catalog import KINDS
 from bench.paths import PathEscapeError, within
-from bench.registry import METHODS, METRICS, MODELS, SUITES, UnknownNameError
-
-REGISTRIES = {"methods": METHODS, "models": MODELS, "metrics": METRICS, "suites": SUITES}
 
 # Exit codes (README, "Exit codes"): one meaning each, for every command.
 EXIT_OK = 0
@@ -18,26 +23,52 @@ EXIT_REGRESSION = 1  # bench compare / report --baseline found a regression
 EXIT_INPUT = 2  # bad input: a suite, an argument, a file that cannot be read (the message names it and the fix)
 EXIT_FAILED_JOBS = 3  # bench run / build finished, but some jobs or builds failed (listed)
 
+# Exceptions that mean bad input (exit 2 with one line), by module: looked up only in modules already
+# imported (an exception of a module that was never imported cannot have been raised).
+INPUT_ERRORS = (
+    ("bench.suite", "SuiteError"),
+    ("bench.registry", "UnknownNameError"),
+    ("bench.io", "WeightsError"),
+    ("bench.executors", "ExecutorError"),
+    ("bench.models.pipelines", "PipelineError"),
+    ("bench.paths", "PathEscapeError"),
+    ("bench.report.data", "RunError"),
+)
 
-def _meta_value(v: object) -> object:
-    """A registry metadata value as JSON: paths as strings, an options schema as option -> description."""
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, type) and hasattr(v, "describe"):
-        return v.describe()
-    return v
+# Subcommands whose module imports torch: name -> (module, its add_parser function, help line).
+# The help lines are checked against the modules' own by tests/test_cli_start.py.
+HEAVY_SUBCOMMANDS = {
+    "calibrate": (
+        "bench.calibrate",
+        "add_parser",
+        "build (once) a method's artifacts on a model and print where they are and their cost",
+    ),
+    "build": (
+        "bench.calibrate",
+        "add_parser",
+        "build every artifact a suite needs (students, calibrations) before running it",
+    ),
+}
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    out = [PathEscapeError]
+    for mod, name in INPUT_ERRORS:
+        m = sys.modules.get(mod)
+        if m is not None and getattr(m, name, None) is not None:
+            out.append(getattr(m, name))
+    return tuple(out)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    reg = REGISTRIES[args.what]
-    entries = [{"name": e.name, **{k: _meta_value(v) for k, v in e.meta.items()}} for e in reg]
-    if args.what == "suites":
-        for d, e in zip(entries, reg, strict=True):
-            d["path"] = str(e.obj)
+    from bench.catalog import entries as catalog_entries
+
+    entries = catalog_entries(args.what)
     if args.json:
         print(json.dumps(entries, indent=2, default=str))
         return 0
     for d in entries:
+        d = dict(d)
         name = d.pop("name")
         if args.what == "methods":
             applies = " ".join(f"{k}={'|'.join(v)}" for k, v in d["applies_to"].items()) or "any model"
@@ -138,6 +169,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
     import torch
 
     from bench.models import build_model
+    from bench.registry import METHODS
     from bench.seeds import generators, noise
     from bench.summary import labelled_grid
 
@@ -233,7 +265,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (its first positional argument: the top level has no other options than -h)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None, full: bool = False) -> argparse.ArgumentParser:
+    """The parser; the subcommands of :data:`HEAVY_SUBCOMMANDS` only as stubs unless ``command`` is one
+    of them or ``full`` (every module imported, as before: the tests compare the two)."""
     p = argparse.ArgumentParser(
         prog="bench",
         description="Benchmark accelerated samplers of diffusion and flow models: "
@@ -242,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("list", help="list registered methods, models, metrics or suites")
-    s.add_argument("what", choices=sorted(REGISTRIES))
+    s.add_argument("what", choices=sorted(KINDS))
     s.add_argument("--json", action="store_true", help="print the entries with all metadata as JSON")
     s.set_defaults(fn=cmd_list)
     s = sub.add_parser("validate", help="check a suite and print how many jobs it expands to")
@@ -339,9 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.cli_metrics import add_parsers
 
     add_parsers(sub)  # weights, ref, mmhm
-    from bench.calibrate import add_parser as add_calibrate_parser
+    real = {m for n, (m, _, _) in HEAVY_SUBCOMMANDS.items() if full or command == n}
+    for name, (module, fn, help_line) in HEAVY_SUBCOMMANDS.items():  # calibrate, build
+        if module not in real:
+            sub.add_parser(name, help=help_line, add_help=False)
+        elif name not in sub.choices:  # the module adds all of its subcommands
+            import importlib
 
-    add_calibrate_parser(sub)  # calibrate, build
+            getattr(importlib.import_module(module), fn)(sub)
     from bench.history.command import add_audit_parser
     from bench.history.command import add_parser as add_history_parser
 
@@ -351,16 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from bench.executors import ExecutorError
-    from bench.io import WeightsError
-    from bench.models.pipelines import PipelineError
-    from bench.report.data import RunError
-    from bench.suite import SuiteError
-
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
         return args.fn(args)
-    except (SuiteError, UnknownNameError, WeightsError, ExecutorError, PipelineError, PathEscapeError, RunError) as e:
+    except Exception as e:
+        if not isinstance(e, input_errors()):
+            raise
         print(f"bench: {e}", file=sys.stderr)
         return EXIT_INPUT
 

@@ -6,21 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import pandas as pd
+from bench.history.defaults import DEFAULT_K, DEFAULT_MIN_RUNS, DEFAULT_QUALITY_TOL, DEFAULT_SPEED_TOL, LATENCY
 
-from bench.history.audit import inert_caches
-from bench.history.db import open_db, suite_history
-from bench.history.track import (
-    DEFAULT_K,
-    DEFAULT_MIN_RUNS,
-    DEFAULT_QUALITY_TOL,
-    DEFAULT_SPEED_TOL,
-    LATENCY,
-    build_history,
-    markdown,
-)
-from bench.paths import REPO
-from bench.report.data import RESULTS, RunError, load_run
+# pandas, duckdb and the report are imported by the commands, not here: `bench --help` builds this parser
 
 ROW_COLUMNS = ["model", "method", "knobs", "steps", "guidance", "status", "error", LATENCY, "latency_per_image_iqr_s"]
 
@@ -28,6 +16,7 @@ ROW_COLUMNS = ["model", "method", "knobs", "steps", "guidance", "status", "error
 def default_metric(db, suite: str) -> str:
     """The suite's first metric with values in its latest run."""
     from bench.registry import METRICS
+    from bench.report.data import RunError, load_run
 
     runs = db.sql("SELECT path FROM runs WHERE suite = ? ORDER BY started DESC, run_id DESC LIMIT 1", [suite])
     metrics = load_run(Path(runs["path"].iloc[0])).metrics
@@ -38,6 +27,13 @@ def default_metric(db, suite: str) -> str:
 
 def cmd_history(args: argparse.Namespace) -> int:
     import duckdb
+    import pandas as pd
+
+    from bench.history.audit import inert_caches
+    from bench.history.db import open_db, suite_history
+    from bench.history.track import build_history, markdown
+    from bench.paths import REPO
+    from bench.report.data import RESULTS, RunError, load_run
 
     results = Path(args.results or RESULTS)
     try:

@@ -29,16 +29,12 @@ import numpy as np
 import pandas as pd
 
 from bench.history.cohort import cohort_diff
+from bench.history.defaults import DEFAULT_K, DEFAULT_MIN_RUNS, DEFAULT_QUALITY_TOL, DEFAULT_SPEED_TOL, LATENCY
 from bench.history.steps import DEFAULT_PENALTY_FACTOR, Step, detect_steps
 from bench.report.data import config_key, config_label, higher_is_better
 
 PASS, REGRESSION, IMPROVEMENT, CALIBRATION_NEEDED = "PASS", "REGRESSION", "IMPROVEMENT", "CALIBRATION_NEEDED"
-DEFAULT_K = 5
-DEFAULT_MIN_RUNS = 2  # a cohort's first runs calibrate it: the baseline needs at least this many earlier runs
-DEFAULT_QUALITY_TOL = 0.05
-DEFAULT_SPEED_TOL = 0.2
 LATENCY_MIN_REL = 0.10  # a latency step smaller than 10% is not reported
-LATENCY = "latency_per_image_s"
 
 
 @dataclass
