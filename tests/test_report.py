@@ -241,3 +241,38 @@ def test_one_report_over_two_runs_of_suites_sharing_models_and_seeds(run, tmp_pa
     edit_results(run2, lambda df: df.assign(seed=df["seed"] + 1))
     assert main(["report", str(run), str(run2), "--out", str(tmp_path / "bad")]) == 2
     assert "differ in seed" in capsys.readouterr().err
+
+
+def test_inert_cache_is_flagged_in_the_report(run, tmp_path):
+    """A cache whose knobs make it compute every unit (units_fraction = 1) is flagged inert on the page,
+    in the caching table and on the leaderboard (bench.history.audit.inert_rows decides); the others are not."""
+
+    def as_cache(df):
+        m = df["method"] == "euler"
+        df.loc[m, "method"], df.loc[m, "family"] = "fora", "caching"
+        df.loc[m, "knobs"] = [json.dumps({"interval": 1 if s == 3 else 2, "solver": "ddim"}) for s in df.loc[m, "steps"]]
+        df["units_fraction"] = np.nan
+        df.loc[m, "units_fraction"] = [1.0 if s == 3 else 0.5 for s in df.loc[m, "steps"]]
+        return df
+
+    edit_results(run, as_cache)
+    rep = build_report(run, out=tmp_path / "rep", match_ci=False, quality_tol=100.0)
+    html = rep.index.read_text()
+    assert "Inert caches (1)" in html and "skips nothing" in html
+    assert html.count("fora[interval=1,solver=ddim] 3 steps") >= 2 and '<tr class="inert">' in html
+    cache_md = (rep.dir / "cache_speedups.md").read_text()
+    assert (
+        "fora[interval=1,solver=ddim] 3 steps w=1 [inert]" in cache_md
+        and "fora[interval=2,solver=ddim] 8 steps w=1 [inert]" not in cache_md
+    )
+    assert "fora[interval=2,solver=ddim] 8 steps w=1" in cache_md
+    inert_md = (rep.dir / "inert_caches.md").read_text()
+    assert "fora[interval=1,solver=ddim] 3 steps" in inert_md and "interval=2" not in inert_md
+    # the leaderboard's fora row is marked exactly when its chosen configuration is the inert one
+    df = pd.read_parquet(run / "results.parquet")
+    row = rep.speedups.table.set_index("method").loc["fora", "row"]
+    line = next(x for x in (rep.dir / "leaderboard.md").read_text().splitlines() if "fora" in x)
+    assert ("[inert]" in line) == (df.loc[row, "units_fraction"] == 1.0)
+    # a run without caches has no inert section
+    clean = build_report(tiny_run(tmp_path / "other"), out=tmp_path / "rep2")
+    assert "Inert caches" not in clean.index.read_text() and not (clean.dir / "inert_caches.md").exists()

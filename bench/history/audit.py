@@ -51,27 +51,34 @@ class AuditFinding:
         return f"{'PASS' if self.ok else 'FAIL'} {self.audit}: {self.label}: {self.detail}"
 
 
-def inert_caches(df: pd.DataFrame) -> list[AuditFinding]:
-    """Caching rows that compute every unit they enter (or count none): they skip nothing."""
-    out = []
-    if "family" not in df:
+INERT_UNCOUNTED = "no unit counted: the cache's units were never entered"
+INERT_ALL = "inert: computes every unit (units_fraction = 1), skips nothing"
+
+
+def inert_rows(df: pd.DataFrame) -> dict[Any, str]:
+    """Finished caching rows that compute every unit they enter (or count none): they skip nothing.
+    Row index -> why (``bench history``, ``bench audit`` and ``bench report`` flag these)."""
+    out: dict[Any, str] = {}
+    if "family" not in df or "status" not in df:
         return out
     rows = df[(df["family"] == "caching") & (df["status"] == "ok")]
-    for _, r in rows.iterrows():
-        frac = float(r.get("units_fraction", math.nan)) if pd.notna(r.get("units_fraction", math.nan)) else math.nan
-        label = f"{r['model']} {config_label(r)}"
+    for idx, r in rows.iterrows():
+        v = r.get("units_fraction", math.nan)
+        frac = float(v) if pd.notna(v) else math.nan
         if math.isnan(frac):
-            out.append(AuditFinding("inert_cache", label, False, "no unit counted: the cache's units were never entered"))
+            out[idx] = INERT_UNCOUNTED
         elif frac >= 1.0 - 1e-12:
-            out.append(
-                AuditFinding(
-                    "inert_cache",
-                    label,
-                    False,
-                    "inert: computes every unit (units_fraction = 1), skips nothing",
-                    {"units_fraction": frac},
-                )
-            )
+            out[idx] = INERT_ALL
+    return out
+
+
+def inert_caches(df: pd.DataFrame) -> list[AuditFinding]:
+    """:func:`inert_rows` as audit findings, one per configuration."""
+    out = []
+    for idx, why in inert_rows(df).items():
+        r = df.loc[idx]
+        numbers = {} if why == INERT_UNCOUNTED else {"units_fraction": float(r["units_fraction"])}
+        out.append(AuditFinding("inert_cache", f"{r['model']} {config_label(r)}", False, why, numbers))
     return out
 
 

@@ -104,7 +104,10 @@ def build_report(
         )
     sp = matched_speedups(ok, metric, refs, quality_tol, cost, match_ci, pairs)
     palette = colours(sorted({method_label(r) for _, r in ok.iterrows()}))
-    lb = build_leaderboard(ok, sp, metrics)
+    from bench.history.audit import inert_rows  # here: bench.history imports bench.report
+
+    inert = inert_rows(ok)  # caches that compute every unit: flagged on the leaderboard and in the caching table
+    lb = build_leaderboard(ok, sp, metrics, inert)
     sections: list[tuple[str, str, str]] = []
 
     # what the report measures against
@@ -151,10 +154,22 @@ def build_report(
         (out / "paired.md").write_text(f"# Paired {metric} against the reference\n\n" + fmt.markdown_table(PAIRED_HEADER, prs))
 
     # caching jobs: FLOPs-implied against measured speedup over the uncached reference
-    cs = cache_speedups(ok, specs)
+    cs = cache_speedups(ok, specs, inert)
     if len(cs):
         sections.append(("caching", "Caching: FLOPs-implied and measured speedups", cache_speedups_html(cs)))
         (out / "cache_speedups.md").write_text(cache_speedups_markdown(cs))
+    if inert:
+        rows = [[ok.loc[i, "model"], config_label(ok.loc[i]), why] for i, why in inert.items()]
+        intro = (
+            "<p>These caching configurations skip nothing: every unit the cache enters is computed "
+            "(<code>units_fraction</code> = 1, counted on 2 samples), or no unit was counted at all. Their knobs make the "
+            "cache inert; any speedup they show is not the cache's. Marked [inert] on the leaderboard.</p>"
+        )
+        html = intro + fmt.html_table(["model", "configuration", "finding"], rows, ["inert"] * len(rows))
+        sections.append(("inert", f"Inert caches ({len(rows)})", html))
+        (out / "inert_caches.md").write_text(
+            "# Inert caches\n\n" + fmt.markdown_table(["model", "configuration", "finding"], rows)
+        )
 
     # speedup versus training cost
     costs = teacher_costs(sorted(ok["model"].unique()))

@@ -12,7 +12,7 @@ Their ratio shows how much of the promise survives hook overhead and the blocks 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ from bench.report.matched import ReferenceSpec
 
 COLUMNS = [
     "model", "configuration", "reference", "units_fraction", "flops", "reference_flops", "speedup_flops_implied",
-    "latency_per_image_s", "reference_latency_per_image_s", "speedup_measured", "measured_over_implied",
+    "latency_per_image_s", "reference_latency_per_image_s", "speedup_measured", "measured_over_implied", "inert",
 ]  # fmt: skip
 
 
@@ -39,14 +39,15 @@ def _is_reference(row: pd.Series, specs: Sequence[ReferenceSpec]) -> bool:
     return any((s.model is None or s.model == row["model"]) and s.selects(row) for s in specs)
 
 
-def cache_speedups(ok: pd.DataFrame, specs: Sequence[ReferenceSpec] = ()) -> pd.DataFrame:
+def cache_speedups(ok: pd.DataFrame, specs: Sequence[ReferenceSpec] = (), inert: Collection = ()) -> pd.DataFrame:
     """One row per finished caching job that has a reference at the same solver, steps and guidance
-    (columns :data:`COLUMNS`); empty when the run has none."""
+    (columns :data:`COLUMNS`); empty when the run has none. ``inert``: indices of ``ok`` whose cache
+    computes every unit (:func:`bench.history.audit.inert_rows`), marked in the ``inert`` column."""
     if ok.empty or "family" not in ok:
         return pd.DataFrame(columns=COLUMNS)
     refs = ok[[_is_reference(r, specs) for _, r in ok.iterrows()]]
     out = []
-    for _, r in ok[ok["family"] == "caching"].iterrows():
+    for idx, r in ok[ok["family"] == "caching"].iterrows():
         solver = solver_of(r)
         m = refs[
             (refs["model"] == r["model"])
@@ -74,6 +75,7 @@ def cache_speedups(ok: pd.DataFrame, specs: Sequence[ReferenceSpec] = ()) -> pd.
                 "reference_latency_per_image_s": float(ref["latency_per_image_s"]),
                 "speedup_measured": measured,
                 "measured_over_implied": measured / implied if implied and np.isfinite(implied) else np.nan,
+                "inert": idx in inert,
             }
         )
     return pd.DataFrame(out, columns=COLUMNS)
@@ -91,9 +93,14 @@ HEADER = ["model", "configuration", "reference", "blocks computed", "FLOPs/img",
           "speedup (measured)", "measured / implied"]  # fmt: skip
 
 
+def _is_inert(r: pd.Series) -> bool:
+    v = r.get("inert", False)
+    return isinstance(v, bool | np.bool_) and bool(v)
+
+
 def table_rows(df: pd.DataFrame) -> list[list[str]]:
     return [
-        [r["model"], r["configuration"], r["reference"], fmt.num(r["units_fraction"], 3), fmt.flops(r["flops"]),
+        [r["model"], r["configuration"] + (" [inert]" if _is_inert(r) else ""), r["reference"], fmt.num(r["units_fraction"], 3), fmt.flops(r["flops"]),
          fmt.num(r["speedup_flops_implied"], 3), fmt.ms(r["latency_per_image_s"]), fmt.num(r["speedup_measured"], 3),
          fmt.num(r["measured_over_implied"], 3)]
         for _, r in df.iterrows()
@@ -101,13 +108,14 @@ def table_rows(df: pd.DataFrame) -> list[list[str]]:
 
 
 def cache_speedups_html(df: pd.DataFrame) -> str:
+    classes = ["inert" if _is_inert(r) else "" for _, r in df.iterrows()]
     note = (
         '<p class="meta">Each caching job against the uncached reference at the same solver, steps and guidance. '
         "Blocks computed: fraction of the cache's units entered that really ran (an untimed counting pass on 2 samples). "
         "Speedup (FLOPs) = reference FLOPs / job FLOPs per image; speedup (measured) = reference / job median latency "
-        "per image.</p>"
+        "per image. [inert]: the cache computes every unit it enters (blocks computed = 1): it skips nothing.</p>"
     )
-    return note + fmt.html_table(HEADER, table_rows(df))
+    return note + fmt.html_table(HEADER, table_rows(df), classes)
 
 
 def cache_speedups_markdown(df: pd.DataFrame) -> str:

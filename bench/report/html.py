@@ -14,7 +14,7 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #cc
 table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0 1em; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; } tr.reference td { background: #fff7d6; } tr.nomatch td { color: #777; }
-tr.regression td { background: #fde2e2; }
+tr.regression td { background: #fde2e2; } tr.inert td { background: #ffe9cc; }
 figure { margin: 0.8em 0 1.4em; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #444; margin-top: 0.3em; }
 .meta { color: #555; font-size: 0.9em; } .pass { color: #1a7f37; font-weight: bold; } .fail { color: #c62828; font-weight: bold; }

@@ -3,6 +3,7 @@ metric with its CI, MMHM and training cost."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import pandas as pd
@@ -79,9 +80,13 @@ def _artifact(r: pd.Series) -> str:
     return ", ".join(k[:10] for k in str(v).split(",")) if isinstance(v, str) and v else "-"
 
 
-def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str]) -> Leaderboard:
+INERT = " [inert]"  # after the method of a configuration that is an inert cache (computes every unit)
+
+
+def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str], inert: Collection = ()) -> Leaderboard:
     """One row per method of each model: its matched configuration (or, for a method with none,
-    its best-quality configuration, unranked)."""
+    its best-quality configuration, unranked). Rows of ``inert`` (indices of ``ok``: caches that
+    compute every unit, :func:`bench.history.audit.inert_rows`) are marked inert."""
     header = ["rank", "method", "steps", "w", "speedup", "FLOPs speedup", "NFE", "latency/img", "FLOPs/img"]
     header += [f"{m} {'↑' if higher_is_better(m) else '↓'} [95% CI]" for m in metrics]
     header += ["MMHM [CI from the metric CIs]", "training", "train cost", "train teacher NFE", "artifact"]
@@ -96,19 +101,26 @@ def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str]) 
         refs[model] = speedups.references[model].label
         rr = ok.loc[ref_idx]
         rows.append(
-            ["ref", method_label(rr) + " (reference)", fmt.num(rr["steps"]), fmt.num(rr["guidance"]), "1x", "1x"]
+            [
+                "ref",
+                method_label(rr) + (INERT if ref_idx in inert else "") + " (reference)",
+                fmt.num(rr["steps"]),
+                fmt.num(rr["guidance"]),
+                "1x",
+                "1x",
+            ]
             + cost_and_quality(rr, metrics, mm, ref_idx)
         )
-        cls.append("reference")
+        cls.append("reference inert" if ref_idx in inert else "reference")
         for _, s in t.iterrows():
             r = ok.loc[s["row"]]
             if s["matched"]:
                 rank += 1
             speed = fmt.ratio(s["speedup"]) if s["matched"] else f"no match (best {fmt.num(r[speedups.metric])})"
-            name = method_label(r) + (" (= reference)" if s["row"] == ref_idx else "")
+            name = method_label(r) + (INERT if s["row"] in inert else "") + (" (= reference)" if s["row"] == ref_idx else "")
             row = [str(rank) if s["matched"] else "-", name, fmt.num(r["steps"]), fmt.num(r["guidance"]), speed]
             row.append(fmt.ratio(s["speedup_flops"]) if s["matched"] else "-")
             rows.append(row + cost_and_quality(r, metrics, mm, s["row"], s["train_cost_s"]))
-            cls.append("" if s["matched"] else "nomatch")
+            cls.append(" ".join(c for c in ("" if s["matched"] else "nomatch", "inert" if s["row"] in inert else "") if c))
         tables[model], classes[model] = rows, cls
     return Leaderboard(header, tables, classes, refs, components)
