@@ -14,7 +14,11 @@ ROW_COLUMNS = ["model", "method", "knobs", "steps", "guidance", "status", "error
 
 
 def default_metric(db, suite: str) -> str:
-    """The suite's first metric with values in its latest run."""
+    """The suite's first metric with values in its latest run (a benchmark's value for imported benchmarks)."""
+    from bench.history.benchmarks import BENCH_METRIC, BENCH_SUITE
+
+    if suite == BENCH_SUITE:
+        return BENCH_METRIC
     from bench.registry import METRICS
     from bench.report.data import RunError, load_run
 
@@ -36,6 +40,15 @@ def cmd_history(args: argparse.Namespace) -> int:
     from bench.report.data import RESULTS, RunError, load_run
 
     results = Path(args.results or RESULTS)
+    if args.import_benchmarks:
+        from bench.history.benchmarks import BenchmarkFileError, import_benchmarks
+
+        try:
+            new = import_benchmarks([Path(p) for p in args.import_benchmarks], results)
+        except BenchmarkFileError as e:
+            print(f"bench history: {e}", file=sys.stderr)
+            return 2
+        print(f"imported {len(new)} benchmark run(s) into {results / 'benchmarks'}")
     try:
         db = open_db(results)
     except duckdb.Error as e:  # e.g. another process holds the database file
@@ -123,6 +136,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", help="output directory of the page and summary (default: reports/history-SUITE/)")
     s.add_argument("--no-page", action="store_true", help="print the summary only")
     s.add_argument("--screenshot", action="store_true", help="open the page in headless Chromium, check it, save screenshot.png")
+    s.add_argument(
+        "--import",
+        dest="import_benchmarks",
+        action="append",
+        metavar="PATH",
+        help="first import pytest-benchmark's saved JSON (a file, or a directory such as .benchmarks/) as runs of the suite "
+        "'benchmarks' (repeatable): `bench history benchmarks --import FILE`",
+    )
     s.add_argument("--sql", metavar="QUERY", help="run a SQL query over the database (tables runs, cohorts; views rows, history)")
     s.set_defaults(fn=cmd_history)
 

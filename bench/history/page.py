@@ -17,9 +17,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.history.audit import AuditFinding  # noqa: E402
+from bench.history.defaults import higher_is_better  # noqa: E402
 from bench.history.track import CALIBRATION_NEEDED, IMPROVEMENT, PASS, REGRESSION, ConfigHistory, History  # noqa: E402
 from bench.report import fmt  # noqa: E402
-from bench.report.data import higher_is_better  # noqa: E402
 from bench.report.html import esc, figure, page  # noqa: E402
 
 STATUS_CLASS = {REGRESSION: "regression", CALIBRATION_NEEDED: "nomatch", IMPROVEMENT: "", PASS: ""}

@@ -29,9 +29,16 @@ import numpy as np
 import pandas as pd
 
 from bench.history.cohort import cohort_diff
-from bench.history.defaults import DEFAULT_K, DEFAULT_MIN_RUNS, DEFAULT_QUALITY_TOL, DEFAULT_SPEED_TOL, LATENCY
+from bench.history.defaults import (
+    DEFAULT_K,
+    DEFAULT_MIN_RUNS,
+    DEFAULT_QUALITY_TOL,
+    DEFAULT_SPEED_TOL,
+    LATENCY,
+    higher_is_better,
+)
 from bench.history.steps import DEFAULT_PENALTY_FACTOR, Step, detect_steps
-from bench.report.data import config_key, config_label, higher_is_better
+from bench.report.data import config_key, config_label
 
 PASS, REGRESSION, IMPROVEMENT, CALIBRATION_NEEDED = "PASS", "REGRESSION", "IMPROVEMENT", "CALIBRATION_NEEDED"
 LATENCY_MIN_REL = 0.10  # a latency step smaller than 10% is not reported
