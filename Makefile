@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean benchmarks
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q
+
+# the performance benchmarks (pytest-benchmark; minutes: the demo's time among them), saved and joined to the history
+benchmarks: $(STAMP)
+	$(BIN)/pytest benchmarks/ --benchmark-autosave -q
+	$(BIN)/bench history benchmarks --import .benchmarks --no-page
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -35,24 +35,18 @@ from bench.seeds import generators, noise  # noqa: E402
 from methods.caching.base import block_lists, target_model  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="digits-dit")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--fractions", type=float, nargs="*", default=[0.75, 0.6, 0.5, 0.4, 0.3])
-    args = ap.parse_args(argv)
-    bundle = build_model(args.model)
+def profile(model: str = "digits-dit", batch: int = 128, guidance: float = 2.0, repeats: int = 15) -> dict:
+    """Wall time of a full network call and the time and FLOPs shares inside the blocks."""
+    bundle = build_model(model)
     den = bundle.denoiser
     blocks = [b for _, b in block_lists(target_model(den.net))]
-    gens = generators(0, range(args.batch))
+    gens = generators(0, range(batch))
     x = noise(gens, bundle.sample_shape)
-    cond = torch.arange(args.batch) % bundle.num_classes
-    t = torch.full((args.batch,), 0.5)
+    cond = torch.arange(batch) % bundle.num_classes
+    t = torch.full((batch,), 0.5)
 
     def call() -> torch.Tensor:
-        return den(x, t, cond, args.guidance)
+        return den(x, t, cond, guidance)
 
     inside = [0.0]
     starts: dict[int, float] = {}
@@ -68,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         full, share = [], []
         hs = [h for b in blocks for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
         try:
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 inside[0] = 0.0
                 t0 = time.perf_counter()
                 call()
@@ -83,15 +77,31 @@ def main(argv: list[str] | None = None) -> int:
         total_flops = fc.get_total_flops()
         per_module = fc.get_flop_counts()
         block_flops = sum(sum(per_module[name].values()) for name in _block_names(den.net, blocks, per_module))
-    t_in = statistics.median(share)
-    f_in = block_flops / total_flops
-    print(f"{args.model}, batch {args.batch}, guidance {args.guidance}: full network call {1e3 * statistics.median(full):.1f} ms")
-    print(f"  blocks: {100 * t_in:.1f}% of the time, {100 * f_in:.1f}% of the FLOPs ({len(blocks)} blocks)")
+    return {"call_s": statistics.median(full), "time_in": statistics.median(share), "flops_in": block_flops / total_flops,
+            "blocks": len(blocks)}  # fmt: skip
+
+
+def speedups(time_in: float, flops_in: float, c: float) -> tuple[float, float]:
+    """Speedups of a cache computing a fraction ``c`` of the block calls: implied by FLOPs, by time shares."""
+    return 1 / ((1 - flops_in) + c * flops_in), 1 / ((1 - time_in) + c * time_in)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="digits-dit")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--fractions", type=float, nargs="*", default=[0.75, 0.6, 0.5, 0.4, 0.3])
+    args = ap.parse_args(argv)
+    r = profile(args.model, args.batch, args.guidance, args.repeats)
+    t_in, f_in = r["time_in"], r["flops_in"]
+    print(f"{args.model}, batch {args.batch}, guidance {args.guidance}: full network call {1e3 * r['call_s']:.1f} ms")
+    print(f"  blocks: {100 * t_in:.1f}% of the time, {100 * f_in:.1f}% of the FLOPs ({r['blocks']} blocks)")
     print(f"  outside the blocks: {100 * (1 - t_in):.1f}% of the time, {100 * (1 - f_in):.1f}% of the FLOPs")
     print("  block calls computed c -> speedup implied by FLOPs, by time shares, ratio (time / FLOPs):")
     for c in args.fractions:
-        sf = 1 / ((1 - f_in) + c * f_in)
-        st = 1 / ((1 - t_in) + c * t_in)
+        sf, st = speedups(t_in, f_in, c)
         print(f"    c = {c:.2f}: FLOPs {sf:.2f}x, time {st:.2f}x, ratio {st / sf:.2f}")
     return 0
 
