@@ -2,7 +2,10 @@
 Model Statistics", arXiv 2310.13268; reference code thu-ml/DPM-Solver-v3, read, not copied).
 
 The diffusion ODE in lambda = log(alpha / sigma) is dx/dlambda = (alpha'/alpha) x - sigma eps(x, lambda)
-for any (alpha, sigma) path (VP and rectified flow alike). DPM-Solver-v3 rewrites it with three
+for any (alpha, sigma) path: VP and rectified flow (alpha = 1 - s, sigma = s) alike, so the method
+applies to every model kind as it is (eps, x0 and v models through their eps and x0, a flow's
+velocity through its x0 and eps; on a flow the levels start at s = 1 - 1/T, where lambda is
+finite, as dpmpp_2m's do). DPM-Solver-v3 rewrites it with three
 *empirical model statistics* (EMS) per noise level: scalars l_lambda, s_lambda and a vector b_lambda
 of the sample's shape,
 
@@ -50,7 +53,7 @@ EMS grid by DPM-Solver++(3M) (Taylor-consistent weight, one step per grid cell);
 trace of the Jacobian of sigma eps by autograd (exact for D <= 8, else Hutchinson with one
 Rademacher probe per draw, the same probe at every level so that l is smooth in lambda) on the
 first ``trace_draws`` draws; f^(1) by fourth-order finite differences of f along each trajectory
-(so the lambda-dependence of l is in it; the paper uses the network's Jacobian-vector product);
+(no network evaluation beyond the trajectory's, and the lambda-dependence of l is in it);
 (s, b) by least squares over draws and dimensions at each level (a relative ridge of 1e-12 keeps s
 defined where f does not vary).
 """
