@@ -34,14 +34,24 @@ def config_label(r: pd.Series) -> str:
     return f"{r['method']}{'[' + extra + ']' if extra else ''}"
 
 
+LEGEND_INSIDE = 12  # configurations a panel's legend holds inside the axes
+LEGEND_ROWS = 30  # rows of a legend beside the panel
+LEGEND_CHAR_IN = 0.033  # inches of figure width per character of a legend label beside the panel (6 pt)
+
+
 def plot_quality_vs_latency(df: pd.DataFrame, path: Path) -> Path:
     ok = df[df["status"] == "ok"]
     metric = primary_metric(ok)
     models = sorted(ok["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    labelled = ok.assign(label=ok.apply(config_label, axis=1)) if len(ok) else ok.assign(label="")
+    n_lines = max((len(g.groupby(["label", "guidance"])) for _, g in labelled.groupby("model")), default=0)
+    legend_cols = -(-n_lines // LEGEND_ROWS) if n_lines > LEGEND_INSIDE else 0
+    longest = max((len(f"{lab} w={g:g}") for lab, g in zip(labelled["label"], labelled["guidance"], strict=True)), default=0)
+    width = 6 + legend_cols * (0.6 + LEGEND_CHAR_IN * longest)  # a long legend gets its own columns beside the panel
+    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 4.5), squeeze=False, layout="constrained")
     for ax, model in zip(axes[0], models, strict=True):
-        sub = ok[ok["model"] == model]
-        for (label, g), grp in sub.assign(label=sub.apply(config_label, axis=1)).groupby(["label", "guidance"]):
+        sub = labelled[labelled["model"] == model]
+        for (label, g), grp in sub.groupby(["label", "guidance"]):
             grp = grp.sort_values("latency_per_image_s")
             yerr = [grp[metric] - grp[f"{metric}_ci_low"], grp[f"{metric}_ci_high"] - grp[metric]]
             ax.errorbar(1e3 * grp["latency_per_image_s"], grp[metric], yerr=yerr, marker="o", capsize=2, label=f"{label} w={g:g}")
@@ -58,10 +68,12 @@ def plot_quality_vs_latency(df: pd.DataFrame, path: Path) -> Path:
         if metric in ("exact_mse", "swd"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if legend_cols:  # beside the panel, in columns, not over the points
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=legend_cols, frameon=False)
+        else:
+            ax.legend(fontsize=7)
     fig.suptitle("quality against latency (numbers: steps; bars: 95% bootstrap CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
