@@ -13,7 +13,7 @@ registry's code version, :func:`bench.codeversion.code_version`: a change elsewh
 what the loaders register.)
 
 The catalogue lives under ``$BENCH_HOME/catalog/`` (one JSON file per kind); ``make install``
-writes it once (``python -m bench.catalog``). ``tests/test_catalog.py`` checks that the
+writes it once (``python -m bench.catalog``). ``tests/test_cli_start.py`` checks that the
 catalogue's listing equals the real registry's, text and JSON, and that an edit makes it cold.
 """
 
