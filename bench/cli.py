@@ -31,6 +31,7 @@ INPUT_ERRORS = (
     ("bench.io", "WeightsError"),
     ("bench.executors", "ExecutorError"),
     ("bench.models.pipelines", "PipelineError"),
+    ("bench.prompts", "PromptSetError"),
     ("bench.paths", "PathEscapeError"),
     ("bench.report.data", "RunError"),
 )

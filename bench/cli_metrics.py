@@ -1,4 +1,4 @@
-"""The metric-side commands of ``bench``: ``weights list|fetch|verify``, ``ref build|list`` and ``mmhm``."""
+"""The metric-side commands of ``bench``: ``weights list|fetch|verify``, ``ref build|import|list``, ``prompts`` and ``mmhm``."""
 
 from __future__ import annotations
 
@@ -56,18 +56,53 @@ def cmd_ref(args: argparse.Namespace) -> int:
             print(f"{m['refset']:20s} {m['space']:14s} {'' if n is None else f'{n} images':12s} {m['path']}")
         return 0
     if not args.refset:
-        print("bench ref build: name the reference set (digits-train, digits-heldout, or a new name with --images DIR)")
+        print(f"bench ref {args.action}: name the reference set (digits-train, digits-heldout, or a new name with --images DIR)")
         return 2
-    spaces = args.features.split(",") if args.features else (["digits"] if args.refset in refs.BUILTIN else ["inception"])
+    if args.images and args.npz:
+        print("bench ref build: give --images DIR or --npz FILE, not both", file=sys.stderr)
+        return 2
+    if args.action == "import" and not args.stats:
+        print("bench ref import: give --stats FILE (an .npz with mu and sigma)", file=sys.stderr)
+        return 2
+    default = ["digits"] if args.refset in refs.BUILTIN else ["inception"]
+    spaces = args.features.split(",") if args.features else default
     for space in spaces:
         try:
-            path = refs.build(args.refset, space, Path(args.images) if args.images else None, args.limit, args.device)
+            if args.action == "import":
+                path = refs.import_stats(args.refset, space, Path(args.stats))
+            else:
+                path = refs.build(args.refset, space, Path(args.images) if args.images else None, args.limit, args.device,
+                                  Path(args.npz) if args.npz else None, args.resolution)  # fmt: skip
         except ValueError as e:
-            print(f"bench ref build: {e}", file=sys.stderr)
+            print(f"bench ref {args.action}: {e}", file=sys.stderr)
             return 2
         meta = json.loads(path.with_suffix(".json").read_text())
-        print(f"{args.refset} [{space}]: {meta['n']} images, {meta['dim']}-d features -> {path}")
+        what = "statistics only" if meta.get("stats_only") else f"{meta['n']} images"
+        res = f" at {meta['resolution']}px" if meta.get("resolution") else ""
+        print(
+            f"{args.refset} [{space}]: {what}{res}, {meta['dim']}-d, source sha256 {str(meta.get('source_sha256'))[:12]} -> {path}"
+        )
     return 0
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from bench import prompts
+
+    names = args.names or list(prompts.PROMPT_SETS)
+    if args.action == "fetch":
+        if not args.names:
+            print(f"bench prompts fetch: name the sets to fetch ({', '.join(prompts.PROMPT_SETS)})", file=sys.stderr)
+            return 2
+        for n in names:
+            print(f"{n}: {prompts.fetch(n, force=args.force)}")
+        return 0
+    bad = 0
+    for m in prompts.listing():
+        if m["name"] not in names:
+            continue
+        print(f"{m['name']:16s} {m['status']}\n{'':16s} path:   {m['path']}\n{'':16s} source: {m['source']}")
+        bad += m["status"].startswith("BAD")
+    return 1 if bad and args.action == "verify" else 0
 
 
 def cmd_mmhm(args: argparse.Namespace) -> int:
@@ -123,14 +158,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--strict", action="store_true", help="verify: absent weights count as failures")
     s.add_argument("--json", action="store_true", help="list: the full catalogue as JSON")
     s.set_defaults(fn=cmd_weights)
-    s = sub.add_parser("ref", help="reference statistics: build (once per reference set and feature space) or list them")
-    s.add_argument("action", choices=["build", "list"])
+    s = sub.add_parser("ref", help="reference statistics: build (once per reference set and feature space), import or list them")
+    s.add_argument("action", choices=["build", "import", "list"])
     s.add_argument("refset", nargs="?", help="digits-train, digits-heldout, or a name for a folder of images (--images)")
     s.add_argument("--images", help="folder of real images (png/jpg/webp/bmp) for a new reference set")
-    s.add_argument("--features", help="comma-separated feature spaces: digits, inception, clip-l14-336")
+    s.add_argument("--npz", help="dataset file of images (.npz: arr_0 uint8 NxHxWx3, labels arr_1; ADM's reference batches)")
+    s.add_argument("--resolution", type=int, help="centre-crop and resize the images to RxR first (clean-fid's resize)")
+    s.add_argument("--stats", help="import: an .npz of precomputed mu and sigma (MLPerf's val2014.npz)")
+    s.add_argument("--features", help="comma-separated feature spaces: digits, inception, inception-pytorch-fid, clip-l14-336")
     s.add_argument("--limit", type=int, help="use at most this many images (sorted by path)")
     s.add_argument("--device", default="cpu", help="where the feature network runs (cpu, cuda)")
     s.set_defaults(fn=cmd_ref)
+    s = sub.add_parser("prompts", help="prompt sets (PartiPrompts, DrawBench, COCO-2014 captions, GenEval): list, fetch, verify")
+    s.add_argument("action", choices=["list", "fetch", "verify"])
+    s.add_argument("names", nargs="*", help="prompt sets (default: all for list/verify)")
+    s.add_argument("--force", action="store_true", help="fetch again even if present")
+    s.set_defaults(fn=cmd_prompts)
     s = sub.add_parser("mmhm", help="MMHM (min-max harmonic mean of FID, IS, CLIP, PickScore) across a run's configurations")
     s.add_argument("run", help="a run directory (results/<suite>/<run-id>)")
     s.add_argument(

@@ -295,6 +295,12 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+def _window(v: list[float]) -> list[float]:
+    if len(v) != 2 or v[0] > v[1]:
+        raise ValueError(f"an accuracy window is [low, high] with low <= high, got {show(v)}")
+    return v
+
+
 def _as_list(v: Any) -> Any:
     return v if isinstance(v, list) else [v]
 
@@ -363,9 +369,21 @@ class ModelEntry(Strict):
         from bench.registry import MODELS
 
         schema = MODELS.entry(self.name).meta.get("options")
+        opts = self.options
+        # a named prompt set (bench.prompts): checked, pinned, then a list to the model's schema
+        if isinstance(opts.get("prompts"), dict):
+            from bench.prompts import PromptSetError, PromptSetRef, pin_options
+
+            try:
+                self.options = {**opts, "prompts": pin_options(opts["prompts"], Path((info.context or {}).get("base", ".")))}
+            except ValidationError as e:
+                raise nested([(("options", "prompts", *loc), msg) for err in e.errors() for loc, msg in problems_of(err, PromptSetRef)]) from None  # fmt: skip
+            except PromptSetError as e:
+                raise nested([(("options", "prompts"), str(e))]) from None
+            opts = {**opts, "prompts": ["(the prompt set)"]}
         if isinstance(schema, type) and issubclass(schema, BaseModel):
             try:
-                schema.model_validate(self.options)
+                schema.model_validate(opts)
             except ValidationError as e:
                 raise nested([(("options", *loc), msg) for err in e.errors() for loc, msg in problems_of(err, schema)]) from None
         w = self.options.get("weights")
@@ -408,6 +426,8 @@ KEYS = {
     "reference_set": "reference set of the set metrics: digits-train or digits-heldout for fid/kid/precision/recall on "
     "digits (default digits-train; digits-heldout when the suite has a trained method), or the real-image set of "
     "fid_inception/kid_inception/cmmd (see `bench ref list`)",
+    "accuracy_windows": "{metric: [low, high]}: bench report marks each configuration's value inside or outside its window "
+    "(MLPerf's accuracy targets, say)",
     "reference": "{method, steps, guidance[, knobs][, model]} or a non-empty list of them: the reference configuration for "
     "speedup at matched quality in reports (default: the highest-NFE training-free solver)",
 }
@@ -432,6 +452,7 @@ class SuiteDoc(Strict):
     executor: Literal["local", "ray"] = "local"
     reference_set: SafeName = None  # type: ignore[assignment]
     reference: Annotated[list[Reference], BeforeValidator(_one_or_list), Field(min_length=1, max_length=100)] = None  # type: ignore[assignment]
+    accuracy_windows: dict[MetricName, Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], AfterValidator(_window)]] = Field(None, max_length=100)  # type: ignore[assignment]  # fmt: skip
 
 
 # --- errors as lines --------------------------------------------------------------------------

@@ -42,6 +42,10 @@ class ModelSpec:
 
 
 def _short(v: Any) -> str:
+    if isinstance(v, dict) and "set" in v:  # a named prompt set: partiprompts#fab29e[limit=200]
+        from bench.prompts import label
+
+        return label(v)
     if isinstance(v, (list, tuple)):
         return f"{len(v)}#{hashlib.sha256(json.dumps(list(v), default=str).encode()).hexdigest()[:6]}"
     if isinstance(v, str) and v.startswith(("/", "./", "../", "~")):
@@ -74,6 +78,7 @@ class Suite:
     description: str = ""
     executor: str = "local"
     reference: list[dict[str, Any]] = field(default_factory=list)
+    accuracy_windows: dict[str, list[float]] = field(default_factory=dict)  # metric -> [low, high], marked by bench report
     raw: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> dict[str, Any]:
@@ -198,6 +203,7 @@ def load_suite(name_or_path: str | Path) -> Suite:
         description=doc.description,
         executor=doc.executor,
         reference=[r.model_dump(exclude_unset=True) for r in doc.reference or []],
+        accuracy_windows=dict(doc.accuracy_windows or {}),
         raw=raw,
     )
     problems = _cross_checks(suite)
@@ -231,6 +237,9 @@ def _cross_checks(suite: Suite) -> list[str]:
                         f"{key}[{j}]: {n!r} measures {METRICS.entry(n).meta['data']} data but models[{i}] "
                         f"({ms.label}) makes {meta['data']} data; split the suite by data kind"
                     )
+    for name in suite.accuracy_windows:
+        if name not in suite.metrics + suite.optional_metrics:
+            problems.append(f"accuracy_windows.{name}: {name!r} is not among the suite's metrics; add it to metrics")
     for i, m in enumerate(suite.methods):
         cls = METHODS.get(m.name)
         known = [c for c in (model_capabilities(ms) for ms in suite.models) if c is not None]

@@ -233,6 +233,15 @@ def run_job(
             row["error"] += f"{name}: {e}; "
             row["missing_metrics"] += ("," if row["missing_metrics"] else "") + name
     row["reference_set"] = ctx.cache.get("reference_used", suite.reference_set or "")
+    row["reference_id"] = ",".join(sorted(set(ctx.cache.get("reference_ids", {}).values())))  # bench.metrics.refs
+    if bundle.extra.get("prompt_set"):  # a named prompt set (bench.prompts): its identity, and metrics per category
+        from bench.metrics.breakdown import per_category
+
+        row["prompt_set"] = bundle.extra["prompt_set"]
+        cats = bundle.extra.get("prompt_categories")
+        if cats and labels is not None:
+            scored = [m for m in suite.metrics + suite.optional_metrics if row.get(m) is not None]
+            row["per_category"] = json.dumps(per_category(ctx, scored, [cats[int(c)] for c in labels]), sort_keys=True)
     return row, samples
 
 

@@ -19,7 +19,7 @@ import torch
 
 from bench.metrics.base import MetricContext, Statistic, register_metric
 from bench.metrics.formulas import clip_score_from_embeddings, pickscore_from_embeddings, rbf_mean
-from bench.metrics.refs import FeatureSpace, load, register_space, sha_file
+from bench.metrics.refs import FeatureSpace, load, note_reference, register_space, require_features, sha_file
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def cmmd(ctx: MetricContext) -> Statistic:
         raise ValueError(
             "cmmd needs a reference set: add `reference_set: NAME` to the suite and run `bench ref build NAME --images DIR --features clip-l14-336`"
         )
-    ref = load(name, CMMD_SPACE.name).feats
+    ref = require_features(note_reference(ctx.cache, load(name, CMMD_SPACE.name)), "cmmd")
     if "cmmd_emb" not in ctx.cache:
         ctx.cache["cmmd_emb"] = cmmd_embeddings(ctx.samples, "cmmd", ctx.device)
     gen = ctx.cache["cmmd_emb"]

@@ -19,7 +19,7 @@ from bench.metrics.formulas import (
     precision_statistic,
     recall_statistic,
 )
-from bench.metrics.refs import FeatureSpace, load, register_space, sha_file
+from bench.metrics.refs import FeatureSpace, load, note_reference, register_space, sha_file
 from bench.paths import ASSETS
 
 FEATURES = "digits-features (committed: bench/assets/digits-features.safetensors)"
@@ -108,7 +108,7 @@ def _ref(ctx: MetricContext):
     the 1297 training digits. Which one is recorded in the row (``reference_set``)."""
     name = ctx.refset if ctx.refset in DIGITS_SETS else REFERENCE
     ctx.cache["reference_used"] = name
-    return load(name, "digits")
+    return note_reference(ctx.cache, load(name, "digits"))
 
 
 @register_metric(

@@ -147,8 +147,15 @@ def build_model(name: str, **options: Any) -> ModelBundle:
     entry = MODELS.entry(name)
     if entry.meta.get("kind") == "classifier":
         raise ValueError(f"{name!r} is a feature network, not a generative model")
+    from bench.prompts import resolve_model_options  # a `prompts: {set: ...}` option: the set's verified prompts
+
+    given = dict(options)
+    options, prompt_set = resolve_model_options(given)
     bundle = entry.obj(**options)
-    bundle.options = dict(options)
+    bundle.options = given
+    if prompt_set is not None:
+        bundle.extra["prompt_set"] = prompt_set.identity
+        bundle.extra["prompt_categories"] = prompt_set.categories
     return bundle
 
 

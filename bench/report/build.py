@@ -86,6 +86,8 @@ def build_report(
         "compare.md",
         "cache_speedups.md",
         "paired.md",
+        "per_category.md",
+        "accuracy_windows.md",
     ):
         for old in out.glob(pattern):  # figures of an earlier report of this run: the page must show only this one's
             old.unlink()
@@ -141,6 +143,20 @@ def build_report(
     sections.append(("leaderboard", "Leaderboard", "\n".join(body)))
     md = f"# Leaderboard: {run.suite_name} / {run.run_id}\n\n" + lb.markdown(sp)
     (out / "leaderboard.md").write_text(md)
+
+    # the suite's accuracy windows (MLPerf's), and metrics per prompt category (a named prompt set)
+    from bench.report.categories import categories_html, categories_markdown, category_tables
+    from bench.report.windows import check_windows, windows_html, windows_markdown, windows_of
+
+    windows = windows_of(suite)
+    if windows:
+        checks = check_windows(ok, windows)
+        sections.append(("windows", "Accuracy windows", windows_html(checks)))
+        (out / "accuracy_windows.md").write_text(windows_markdown(checks))
+    cat_tables = category_tables(ok)
+    if cat_tables:
+        sections.append(("categories", "Metrics per prompt category", categories_html(cat_tables)))
+        (out / "per_category.md").write_text(categories_markdown(cat_tables))
 
     # the leaderboard's configurations against the reference, paired over the shared seeds
     prs = paired_rows(run, ok, sp)
