@@ -34,6 +34,7 @@ INPUT_ERRORS = (
     ("bench.prompts", "PromptSetError"),
     ("bench.paths", "PathEscapeError"),
     ("bench.report.data", "RunError"),
+    ("bench.envs", "EnvError"),
 )
 
 # Subcommands whose module imports torch: name -> (module, its add_parser function, help line).
@@ -379,6 +380,9 @@ def build_parser(command: str | None = None, full: bool = False) -> argparse.Arg
     from bench.cli_metrics import add_parsers
 
     add_parsers(sub)  # weights, ref, mmhm
+    from bench.cli_envs import add_parsers as add_env_parsers
+
+    add_env_parsers(sub)  # env, vbench
     real = {m for n, (m, _, _) in HEAVY_SUBCOMMANDS.items() if full or command == n}
     for name, (module, fn, help_line) in HEAVY_SUBCOMMANDS.items():  # calibrate, build
         if module not in real:
