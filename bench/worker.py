@@ -201,6 +201,12 @@ def run_job(
         "seed": job.seed,
         "device": device,
         "learned_params": prepared.info.get("learned_params"),  # a learned solver's trained parameter count
+        # a released student's training cost is its paper's, quoted (GPU-hours, citation), never measured (methods/released)
+        "train_cost_source": prepared.info.get("train_cost_source", "measured"),
+        "train_cost_quoted_gpu_h": prepared.info.get("train_cost_quoted_gpu_h", math.nan),
+        "train_cost_citation": prepared.info.get("train_cost_citation", ""),
+        "student": prepared.info.get("student", ""),
+        "student_guidance": prepared.info.get("student_guidance", math.nan),
     }
     start_x = start_t = None
     if counter.first_inputs:
