@@ -116,7 +116,8 @@ ENVS: dict[str, EnvSpec] = {
             "imagereward",
             "ImageReward 1.5 (Xu et al. 2023), BLIP-based human-preference reward: its own pins "
             "(timm 0.6.13, fairscale 0.4.13) and a transformers whose BLIP internals it imports",
-            ("image-reward==1.5", "transformers==4.33.2", "torch", "torchvision"),
+            # openai-clip: ImageReward imports `clip` (its CLIP and aesthetic scores) without declaring it
+            ("image-reward==1.5", "transformers==4.33.2", "openai-clip", "torch", "torchvision"),
             imports=("ImageReward",),
             worker_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
         ),

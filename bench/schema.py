@@ -454,6 +454,23 @@ class SuiteDoc(Strict):
     reference: Annotated[list[Reference], BeforeValidator(_one_or_list), Field(min_length=1, max_length=100)] = None  # type: ignore[assignment]
     accuracy_windows: dict[MetricName, Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], AfterValidator(_window)]] = Field(None, max_length=100)  # type: ignore[assignment]  # fmt: skip
 
+    @model_validator(mode="after")
+    def _compile_warmup(self) -> SuiteDoc:
+        """A compiled model compiles at its first call: the warm-up must take it, not the timed calls."""
+        if self.timing.warmup < 1:
+            bad = [i for i, m in enumerate(self.models) if m.options.get("compile") is True]
+            if bad:
+                raise nested(
+                    [
+                        (
+                            ("timing", "warmup"),
+                            f"is 0 but models[{bad[0]}] has compile: true, so compilation would be timed; "
+                            "fix: set timing: {warmup: 1} or more",
+                        )
+                    ]  # fmt: skip
+                )
+        return self
+
 
 # --- errors as lines --------------------------------------------------------------------------
 

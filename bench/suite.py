@@ -274,6 +274,12 @@ def expand(suite: Suite) -> tuple[list[Job], list[str]]:
                     f"{m.name} x {ms.label}: {m.name} applies to {cls.applies_to.text()}; {ms.label} has {'; '.join(bad)}"
                 )
                 continue
+            if getattr(cls, "family", "") == "caching" and ms.options.get("compile") is True:  # bench.models.options
+                skipped.append(
+                    f"{m.name} x {ms.label}: a cache's hooks are not traced by torch.compile; "
+                    "list the model again with compile: false for the caches"
+                )
+                continue
             steps = m.steps if m.steps is not None else suite.steps
             native = cls.steps_supported
             if native is not None and any(n not in native for n in steps):

@@ -35,6 +35,7 @@ from bench.accounting import (
 from bench.artifacts import ArtifactSpec, ArtifactStore, default_artifact_store, ensure, job_cost, load_all
 from bench.bundle import ModelBundle
 from bench.metrics.base import MetricContext
+from bench.models.options import deployment_of
 from bench.registry import METHODS, METRICS
 from bench.seeds import generators, noise
 from bench.suite import Job, Suite
@@ -200,6 +201,7 @@ def run_job(
         "n_samples": n,
         "seed": job.seed,
         "device": device,
+        **deployment_of(den.net),  # dtype, compiled, compile_backend, channels_last: how the timed network ran
         "learned_params": prepared.info.get("learned_params"),  # a learned solver's trained parameter count
         # a released student's training cost is its paper's, quoted (GPU-hours, citation), never measured (methods/released)
         "train_cost_source": prepared.info.get("train_cost_source", "measured"),

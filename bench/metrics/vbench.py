@@ -51,11 +51,13 @@ BOUNDED = ("temporal_flickering", "motion_smoothness", "dynamic_degree", "aesthe
 @dataclass(frozen=True)
 class VBenchRow:
     """One VBench dimension on a set of clips: VBench's name for it, VBench's total over the clips,
-    and VBench's value for each clip (in the order given; None where VBench skipped the clip)."""
+    VBench's value for each clip (in the order given; None where VBench skipped the clip), and the
+    files VBench read (kept only when :func:`evaluate` is given a ``workdir``)."""
 
     dimension: str
     value: float
     per_video: tuple[float | None, ...]
+    files: tuple[str, ...] = ()  # the MP4 files vbench read, in the order it read them (its total sums in this order)
 
     @property
     def values(self) -> np.ndarray:
@@ -125,7 +127,7 @@ def evaluate(
             entries.append({"path": str(path), "name": f"{i:05d}", "prompt": None if prompts is None else prompts[i]})
         req = {"op": "evaluate", "videos": entries, "dimensions": list(dimensions), "fps": fps, "device": device}
         res = run_worker(ENV, worker_script(), req, workdir=wd, timeout=timeout)
-    return [VBenchRow(r["dimension"], float(r["value"]), tuple(r["per_video"])) for r in res["rows"]]
+    return [VBenchRow(r["dimension"], float(r["value"]), tuple(r["per_video"]), tuple(r["vbench_order"])) for r in res["rows"]]
 
 
 def missing_weights(dimensions: list[str]) -> dict[str, list[str]]:

@@ -136,6 +136,7 @@ def evaluate(req: dict, wd: Path) -> dict:
                 "dimension": dim,
                 "value": float(total),
                 "videos": order,
+                "vbench_order": [os.path.abspath(r["video_path"]) for r in per],  # the order vbench read them in
                 "per_video": [
                     None if by_path.get(os.path.abspath(p)) is None else float(by_path[os.path.abspath(p)]) for p in order
                 ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,15 @@ from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
 from bench.io import load_weights
 from bench.models.digits_nets import NULL_CLASS, DigitsClassifier, DigitsDiT, DigitsUNet
 from bench.models.gmm import GaussianMixture, GMMNet, gmm_schedule
-from bench.models.options import ModelOptions
+from bench.models.options import (
+    DEPLOY_KEYS,
+    RUNTIME_KEYS,
+    Deploy,
+    DeployError,
+    DeployOptions,
+    ModelOptions,
+    deploy_network,
+)
 from bench.paths import ASSETS
 from bench.registry import MODELS
 
@@ -74,13 +83,17 @@ def gmm(dim: int = 2, prediction: str = "eps") -> ModelBundle:
     )
 
 
+class DigitsOptions(WeightsOptions, DeployOptions):
+    """A digits teacher's options: its weights file and the deployment options."""
+
+
 @MODELS.register(
     "digits-unet",
     kind="eps",
     data="image",
     capabilities=Capabilities("unet", "image", "eps", "class", "vp", "cfg"),
     description="class-conditional diffusers UNet2DModel, eps-prediction, DDPM 1000 steps, CFG (1.1M params)",
-    options=WeightsOptions,
+    options=DigitsOptions,
 )
 def digits_unet(weights: str | None = None) -> ModelBundle:
     net, h = load_net("digits-unet", DigitsUNet(), weights)
@@ -96,7 +109,7 @@ def digits_unet(weights: str | None = None) -> ModelBundle:
     data="image",
     capabilities=Capabilities("dit", "image", "flow", "class", "flow", "cfg"),
     description="class-conditional rectified-flow FluxTransformer2DModel (2 double + 4 single blocks), CFG",
-    options=WeightsOptions,
+    options=DigitsOptions,
 )
 def digits_dit(weights: str | None = None) -> ModelBundle:
     net, h = load_net("digits-dit", DigitsDiT(), weights)
@@ -142,8 +155,23 @@ def model_kind(name: str, options: dict[str, Any]) -> str:
     return caps.prediction if caps is not None else ""
 
 
+def _deploy_options(name: str, entry: Any, options: dict[str, Any]) -> tuple[Deploy, dict[str, Any]]:
+    """The deployment options (dtype, compile, channels_last: bench.models.options) and the rest."""
+    deploy, rest = Deploy.split(options)
+    schema = entry.meta.get("options")
+    takes = isinstance(schema, type) and issubclass(schema, DeployOptions)
+    given = [k for k in DEPLOY_KEYS if k in options]
+    if given and not takes:
+        raise DeployError(
+            f"model {name!r} has no deployment options ({', '.join(given)}): it is not a network model; remove them"
+        )
+    return deploy, rest
+
+
 def build_model(name: str, **options: Any) -> ModelBundle:
-    """Build a registered generative model by name with its options."""
+    """Build a registered generative model by name with its options; the deployment options
+    (``dtype``, ``compile``, ``channels_last``: :mod:`bench.models.options`) are applied to its
+    denoiser network here, outside the methods."""
     entry = MODELS.entry(name)
     if entry.meta.get("kind") == "classifier":
         raise ValueError(f"{name!r} is a feature network, not a generative model")
