@@ -179,8 +179,12 @@ def build_model(name: str, **options: Any) -> ModelBundle:
 
     given = dict(options)
     options, prompt_set = resolve_model_options(given)
-    bundle = entry.obj(**options)
-    bundle.options = given
+    deploy, options = _deploy_options(name, entry, options)
+    native = "dtype" in inspect.signature(entry.obj).parameters  # loads its weights in the dtype itself (a pipeline)
+    bundle = entry.obj(**options, **({"dtype": deploy.dtype} if native else {}))
+    deploy_network(bundle.denoiser.net, deploy, cast_weights=not native, cast_input=not native)
+    bundle.extra["deploy"] = deploy
+    bundle.options = {k: v for k, v in given.items() if k not in RUNTIME_KEYS}  # the artifacts' identity: same numbers
     if prompt_set is not None:
         bundle.extra["prompt_set"] = prompt_set.identity
         bundle.extra["prompt_categories"] = prompt_set.categories
