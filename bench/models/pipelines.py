@@ -52,6 +52,7 @@ FAMILIES = {
     "PixArtTransformer2DModel": "pixart",
     "SanaTransformer2DModel": "sana",
     "Transformer2DModel": "dit",  # DiT: class-conditional (adaptive norm over ImageNet labels)
+    "DiTTransformer2DModel": "dit",  # what diffusers loads a saved DiT transformer as
 }
 
 

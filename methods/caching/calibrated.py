@@ -68,7 +68,10 @@ def block_hidden_in(meta: TransformerBlockMetadata, args: tuple, kwargs: dict) -
 
 
 def block_hidden_out(meta: TransformerBlockMetadata, out: Any) -> torch.Tensor:
-    return out if meta.return_hidden_states_index is None else out[meta.return_hidden_states_index]
+    # a one-stream block (BasicTransformerBlock: PixArt, DiT) returns its tensor, not a tuple
+    return (
+        out if meta.return_hidden_states_index is None or isinstance(out, torch.Tensor) else out[meta.return_hidden_states_index]
+    )
 
 
 def block_result(meta: TransformerBlockMetadata, args: tuple, kwargs: dict, hidden: torch.Tensor) -> Any:

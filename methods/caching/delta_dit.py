@@ -48,9 +48,11 @@ class BlockIO:
         from diffusers.hooks._helpers import TransformerBlockRegistry
 
         try:
-            return cls(TransformerBlockRegistry.get(type(block)))
+            meta = TransformerBlockRegistry.get(type(block))
         except ValueError:
             return cls(None)
+        # a one-stream block (BasicTransformerBlock: PixArt, DiT) returns its tensor, not a tuple
+        return cls(meta if meta.return_encoder_hidden_states_index is not None else None)
 
     def inputs(self, args: tuple, kwargs: dict) -> Streams:
         if self.meta is None:
