@@ -201,7 +201,7 @@ def run_job(
         "n_samples": n,
         "seed": job.seed,
         "device": device,
-        **deployment_of(den.net),  # dtype, compiled, compile_backend, channels_last: how the timed network ran
+        **deployment_of(den.net, bundle.dtype),  # dtype, compiled, compile_backend, channels_last: how the timed network ran
         "learned_params": prepared.info.get("learned_params"),  # a learned solver's trained parameter count
         # a released student's training cost is its paper's, quoted (GPU-hours, citation), never measured (methods/released)
         "train_cost_source": prepared.info.get("train_cost_source", "measured"),

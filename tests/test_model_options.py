@@ -13,6 +13,7 @@ import copy
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import write_suite
@@ -174,3 +175,38 @@ def test_a_tiny_pipeline_compiled_channels_last_and_in_bfloat16(sd_dir: Path):  
         "compile_backend": "aot_eager",
         "channels_last": True,
     }
+
+
+def test_the_report_says_when_latencies_were_measured_under_different_deployments(tmp_path):
+    """A synthetic results table: the tiny gmm run's rows again under a second, compiled bfloat16
+    model label, and the first model's ddim configurations run compiled (unlike its reference)."""
+    from report_helpers import edit_results, tiny_run
+
+    from bench.report.build import build_report
+    from bench.report.data import config_key
+
+    run = tiny_run(tmp_path)
+    clean = build_report(run, out=tmp_path / "clean")
+    assert "different deployments" not in clean.index.read_text()  # one deployment: nothing to say
+    assert "[deployed:" not in (clean.dir / "leaderboard.md").read_text()
+
+    def mix(df):
+        assert set(df["dtype"]) == {"float64"} and not df["compiled"].any()  # recorded by the worker
+        other = df.copy()
+        other["model"] = "gmm[compile=True,dtype=bfloat16]"
+        other["dtype"], other["compiled"], other["compile_backend"] = "bfloat16", True, "inductor"
+        one = df.index[df["method"] == "ddim"]
+        df.loc[one, ["compiled", "compile_backend"]] = [True, "inductor"]
+        return pd.concat([df, other], ignore_index=True)
+
+    edit_results(run, mix)
+    rep = build_report(run, out=tmp_path / "mixed")
+    html = rep.index.read_text()
+    assert "Latencies in this run were measured under different deployments" in html
+    assert "bfloat16, compiled (inductor)" in html and "float64, eager" in html
+    board = (rep.dir / "leaderboard.md").read_text()
+    assert "[deployed: float64, compiled (inductor)]" in board  # the one compiled configuration of the eager model
+    # the history never puts the two models' configurations in one series: the model label is in the key
+    df = pd.read_parquet(run / "results.parquet")
+    a, b = (config_key(df[df["model"] == m].iloc[0]) for m in ("gmm[dim=2,prediction=eps]", "gmm[compile=True,dtype=bfloat16]"))
+    assert a != b

@@ -210,26 +210,16 @@ def deploy_network(net: nn.Module, deploy: Deploy, *, cast_weights: bool = True,
     return net
 
 
-def deployment_of(net: nn.Module) -> dict[str, Any]:
+def deployment_of(net: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The row columns of how ``net`` ran: its deployment if :func:`deploy_network` set one, else
-    eager in its parameters' dtype (a trained method's own student network, say)."""
+    eager in its parameters' dtype (a trained method's own student network, say), or ``dtype``
+    (the bundle's) for a network without parameters (the analytic gmm, float64)."""
     done = getattr(net, "_bench_deploy", None)
     if done is not None:
         return done.row()
     p = next((p for p in net.parameters() if p.is_floating_point()), None)
-    name = {v: k for k, v in DTYPES.items()}.get(p.dtype, str(p.dtype).removeprefix("torch.")) if p is not None else "float32"
-    return Deploy(dtype=name).row() if name in DTYPES else {**Deploy().row(), "dtype": name}
-
-
-def deploy_summary(rows: list[dict[str, Any]]) -> str:
-    """``float32, eager`` style text of a row's deployment columns (for report notes)."""
-    return "; ".join(sorted({_row_label(r) for r in rows}))
-
-
-def _row_label(r: dict[str, Any]) -> str:
-    compiled = bool(r.get("compiled")) and r.get("compiled") == r.get("compiled")  # NaN (an old row) -> eager
-    parts = [str(r.get("dtype") or "float32"), f"compiled ({r.get('compile_backend')})" if compiled else "eager"]
-    return ", ".join(parts + (["channels_last"] if r.get("channels_last") is True else []))
+    dt = p.dtype if p is not None else dtype
+    return {**Deploy().row(), "dtype": str(dt).removeprefix("torch.")}
 
 
 __all__ = [

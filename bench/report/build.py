@@ -16,6 +16,7 @@ from bench.report import fmt
 from bench.report.cache_speedups import cache_speedups, cache_speedups_html, cache_speedups_markdown
 from bench.report.charts import colours, pareto_figure, speedup_figure
 from bench.report.data import Run, RunError, config_label, higher_is_better, load_run, merge_runs, method_label
+from bench.report.deployment import deployment_note
 from bench.report.grids import grid_figures, slug
 from bench.report.html import esc, figure, page
 from bench.report.leaderboard import build_leaderboard
@@ -125,6 +126,7 @@ def build_report(
         + ".</p>"
     )
     how += reference_sets_html(ok)
+    how += deployment_note(ok)  # latencies under different dtype / compile / memory format: said
     sections.append(
         (
             "reference",

@@ -10,6 +10,7 @@ import pandas as pd
 
 from bench.report import fmt
 from bench.report.data import higher_is_better, method_label
+from bench.report.deployment import deployment_marker
 from bench.report.matched import Speedups
 
 
@@ -118,6 +119,7 @@ def build_leaderboard(ok: pd.DataFrame, speedups: Speedups, metrics: list[str], 
                 rank += 1
             speed = fmt.ratio(s["speedup"]) if s["matched"] else f"no match (best {fmt.num(r[speedups.metric])})"
             name = method_label(r) + (INERT if s["row"] in inert else "") + (" (= reference)" if s["row"] == ref_idx else "")
+            name += deployment_marker(r, rr)  # ran under another dtype / compile / memory format than the reference
             row = [str(rank) if s["matched"] else "-", name, fmt.num(r["steps"]), fmt.num(r["guidance"]), speed]
             row.append(fmt.ratio(s["speedup_flops"]) if s["matched"] else "-")
             rows.append(row + cost_and_quality(r, metrics, mm, s["row"], s["train_cost_s"]))
