@@ -53,9 +53,6 @@ def cmd_env_status(args: argparse.Namespace) -> int:
 
 
 def cmd_env_fetch(args: argparse.Namespace) -> int:
-    if args.name == "vbench":
-        print("bench: vbench's weights are fetched per dimension: `bench vbench fetch DIMENSION...`", file=sys.stderr)
-        return 2
     from bench.metrics import preference
 
     still = preference.fetch(args.name)
@@ -103,7 +100,10 @@ def add_parsers(sub) -> None:
     s.add_argument("name", nargs="?", choices=list(ENVS))
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_env_status)
-    s = es.add_parser("fetch", help="download a preference metric's weights with its package's own downloader (network)")
+    s = es.add_parser(
+        "fetch",
+        help="download a preference metric's weights with its package's own downloader (network; vbench: `bench vbench fetch`)",
+    )
     s.add_argument("name", choices=[n for n in ENVS if n != "vbench"])
     s.set_defaults(fn=cmd_env_fetch)
 

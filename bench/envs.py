@@ -101,6 +101,22 @@ if not (hps / name).is_file():  # hpsv2 1.2.0's wheel omits the tokenizer vocabu
     shutil.copyfile(oc / name, hps / name)
 """
 
+# openai-clip (imported by vbench and ImageReward) imports pkg_resources, which setuptools 81 removed
+_SETUPTOOLS = "setuptools<81"
+# the modules of the dimensions vbench evaluates on custom input: each must import once the env is made
+_VBENCH_DIMENSIONS = (
+    "subject_consistency",
+    "background_consistency",
+    "temporal_flickering",
+    "motion_smoothness",
+    "dynamic_degree",
+    "aesthetic_quality",
+    "imaging_quality",
+    "human_action",
+    "temporal_style",
+    "overall_consistency",
+)
+
 ENVS: dict[str, EnvSpec] = {
     s.name: s
     for s in [
@@ -108,8 +124,8 @@ ENVS: dict[str, EnvSpec] = {
             "vbench",
             "VBench 0.1.5 (Huang et al. 2024), video generation benchmark: its own pins "
             "(transformers 4.33.2, numpy<2, timm<=1.0.12)",
-            ("vbench==0.1.5", "torch", "torchvision"),
-            imports=("vbench", "vbench.temporal_flickering", "cv2", "decord"),
+            ("vbench==0.1.5", "torch", "torchvision", _SETUPTOOLS),
+            imports=("vbench", "cv2", "decord", *(f"vbench.{d}" for d in _VBENCH_DIMENSIONS)),
             setup_command="bench vbench setup",
         ),
         EnvSpec(
@@ -117,7 +133,7 @@ ENVS: dict[str, EnvSpec] = {
             "ImageReward 1.5 (Xu et al. 2023), BLIP-based human-preference reward: its own pins "
             "(timm 0.6.13, fairscale 0.4.13) and a transformers whose BLIP internals it imports",
             # openai-clip: ImageReward imports `clip` (its CLIP and aesthetic scores) without declaring it
-            ("image-reward==1.5", "transformers==4.33.2", "openai-clip", "torch", "torchvision"),
+            ("image-reward==1.5", "transformers==4.33.2", "openai-clip", "torch", "torchvision", _SETUPTOOLS),
             imports=("ImageReward",),
             worker_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
         ),
@@ -330,7 +346,8 @@ def run_worker(
     The script is called as ``python -I script request.json result.json`` in ``workdir`` (a fresh
     temporary directory if None; the caller puts the sample files there and names them in the
     request). Raises :class:`EnvMissingError` if the environment is not ready,
-    :class:`~bench.weights.MissingWeightsError` if the worker reports missing weights,
+    :class:`~bench.weights.MissingWeightsError` if the worker reports missing weights
+    (:class:`~bench.io.WeightsError` if it reports a failed download),
     :class:`EnvWorkerError` if it fails otherwise.
     """
     py = require(name)
@@ -353,10 +370,10 @@ def run_worker(
             raise EnvWorkerError(f"{Path(script).name} in environment {name!r} ran past {timeout} s") from e
         result = json.loads(res.read_text()) if res.is_file() else None
     if result is not None and not result.get("ok", False):
-        if result.get("error") == "missing_weights":
-            from bench.weights import MissingWeightsError
+        if result.get("error") in ("missing_weights", "fetch_failed"):
+            from bench.weights import MissingWeightsError, WeightsError
 
-            raise MissingWeightsError(result["message"])
+            raise (MissingWeightsError if result["error"] == "missing_weights" else WeightsError)(result["message"])
         raise EnvWorkerError(f"{Path(script).name} in environment {name!r}: {result.get('message')}\n{r.stderr[-3000:]}")
     if r.returncode != 0 or result is None:
         raise EnvWorkerError(

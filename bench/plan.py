@@ -133,7 +133,8 @@ def plan_suite(
             if key not in call_s:
                 with _torch_threads(n_threads):  # as the run's workers will
                     call_s[key] = probe_call_seconds(bundle, bs, cfg == 2, dev)
-            est_s = nfe * batches * call_s[key]
+            warm = suite.warmup * min(suite.warmup_batch or bs, bs) / bs  # warm-up calls, in full batches
+            est_s = nfe * (batches - suite.warmup + warm) * call_s[key]
         cached = bool(store and (hit := store.get(p.store_key)) is not None and hit.row.get("status") == "ok")
         rows.append(
             {
@@ -148,7 +149,7 @@ def plan_suite(
                 "nfe": nfe,
                 "nfe_source": source,
                 "network_calls": round(nfe * batches),
-                "network_rows": round(nfe * cfg * (job.n_samples + suite.warmup * bs)),
+                "network_rows": round(nfe * cfg * (job.n_samples + suite.warmup * min(suite.warmup_batch or bs, bs))),
                 "est_s": est_s,
                 "cached": cached,
                 "artifacts": p.artifact_keys,

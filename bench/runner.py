@@ -124,6 +124,7 @@ def evaluation_key(suite: Suite, device: str, threads: int) -> dict[str, Any]:
         "reference_set": suite.reference_set,
         "batch_size": suite.batch_size,
         "warmup": suite.warmup,
+        "warmup_batch": suite.warmup_batch,
         "harness_code": code_version("bench.worker"),
         "device": device.split(":")[0],
         "threads": threads,

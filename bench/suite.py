@@ -75,6 +75,7 @@ class Suite:
     batch_size: int = 64
     bootstrap: int = 50
     warmup: int = 1
+    warmup_batch: int | None = None  # samples per warm-up call; None: the batch size
     description: str = ""
     executor: str = "local"
     reference: list[dict[str, Any]] = field(default_factory=list)
@@ -200,6 +201,7 @@ def load_suite(name_or_path: str | Path) -> Suite:
         batch_size=doc.batch_size,
         bootstrap=doc.bootstrap,
         warmup=doc.timing.warmup,
+        warmup_batch=doc.timing.warmup_batch,
         description=doc.description,
         executor=doc.executor,
         reference=[r.model_dump(exclude_unset=True) for r in doc.reference or []],

@@ -139,8 +139,8 @@ def run_job(
         return prepared(z, cond, job.guidance, gens)
 
     windowed = reset_peak_memory(device)
-    for _ in range(suite.warmup):
-        call(0, min(bs, n))
+    for _ in range(suite.warmup):  # untimed; a suite may warm up on fewer samples than a batch (timing.warmup_batch)
+        call(0, min(suite.warmup_batch or bs, bs, n))
     outs, times = [], []
     with ForwardCounter(den.net, keep_first=bundle.data == "vector") as counter:
         for lo in range(0, n, bs):

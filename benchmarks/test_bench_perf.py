@@ -6,6 +6,8 @@
 - cache wall / FLOPs: FLOPs-implied / time-implied speedup of a cache computing half the blocks of
   the digits DiT (cache_profile.py; 1 = the clock delivers what the FLOPs promise);
 - Ray scaling: sweep seconds with 2 Ray workers / with 1 (sweep.py's suite, smaller; 0.5 is ideal);
+- warm-up batch: latency after a 16-sample warm-up / after a full-batch one, fresh processes, paired
+  (warmup_batch.py; 1 = the small warm-up leaves nothing cold);
 - demo time: `make demo`'s two commands (bench run quick, bench report) into a fresh results root
   (no job store hits), seconds, one round. The longest by far (minutes): `-k "not demo"` skips it.
 """
@@ -107,3 +109,12 @@ def test_demo_time(benchmark):
     res = benchmark.pedantic(demo, rounds=1, iterations=1)
     benchmark.extra_info["bench_value"] = res["total_s"]
     benchmark.extra_info.update(res, target_s=240.0, load_average=list(os.getloadavg()))
+
+
+def test_warmup_batch(benchmark):
+    """latency after a 16-sample warm-up / after a full-batch one (the quick suite's timing.warmup_batch)."""
+    import warmup_batch
+
+    res = benchmark.pedantic(lambda: warmup_batch.compare(3, 16, 150, 2), rounds=1, iterations=1)
+    benchmark.extra_info["bench_value"] = res["median_ratio"]
+    benchmark.extra_info.update(configs=res["configs"], target=1.0, load_average=list(os.getloadavg()))

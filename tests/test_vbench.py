@@ -83,6 +83,7 @@ def test_absent_environment_names_the_setup_command(tmp_path, monkeypatch):
 def test_temporal_flickering_through_vbench_equals_vbench_direct(vbench_env, tmp_path):
     # the environment holds vbench's own pins, recorded in its manifest
     assert "vbench==0.1.5" in vbench_env["freeze"] and "transformers==4.33.2" in vbench_env["freeze"]
+    assert "vbench.background_consistency" in envs.spec("vbench").imports  # every dimension's module imported at setup
     numpy_version = envs.installed_version("vbench", "numpy")
     assert numpy_version is not None and int(numpy_version.split(".")[0]) < 2
 
@@ -141,4 +142,6 @@ def test_cli_vbench_setup_is_idempotent_and_status_lists_weights(vbench_env, mon
     out = capsys.readouterr().out
     assert "temporal_flickering" in out and "ready" in out and "amt-s.pth" in out
     assert "`bench vbench fetch motion_smoothness`" in out
+    assert main(["vbench", "fetch", "temporal_flickering"]) == 0  # nothing to download: vbench's downloader is a no-op
+    assert str(tmp_path / "vbench-cache") in capsys.readouterr().out
     assert json.loads((USER_ENVS / "vbench" / envs.MANIFEST).read_text())["name"] == "vbench"

@@ -101,7 +101,7 @@ def _suite_and_job(run: Run, row: pd.Series, seed: int | None = None, warmup: in
         name=str(s.get("name", run.suite_name)), source="audit", models=[spec], methods=[], steps=[int(row["steps"])],
         guidance=[float(row["guidance"])], metrics=metrics, seed=int(row["seed"]) if seed is None else seed,
         n_samples=int(row["n_samples"]), batch_size=int(row["batch_size"]), bootstrap=int(s.get("bootstrap") or 50),
-        warmup=int(s.get("warmup", 1)) if warmup is None else warmup, raw={"reference_set": refset} if refset else {},
+        warmup=int(s.get("warmup", 1)) if warmup is None else warmup, warmup_batch=s.get("warmup_batch"), raw={"reference_set": refset} if refset else {},
     )  # fmt: skip
     knobs = tuple(sorted(json.loads(row["knobs"]).items())) if isinstance(row["knobs"], str) else ()
     job = Job(

@@ -24,7 +24,7 @@ from typing import Any
 SIDECAR = "cohort.json"
 UNRECORDED = "unrecorded"
 # the suite's settings that change how every configuration is measured (not its grid)
-SUITE_EVALUATION_KEYS = ("seed", "n_samples", "batch_size", "bootstrap", "warmup", "metrics", "optional_metrics",
+SUITE_EVALUATION_KEYS = ("seed", "n_samples", "batch_size", "bootstrap", "warmup", "warmup_batch", "metrics", "optional_metrics",
                          "reference", "reference_set")  # fmt: skip
 DEVICE_KEYS = ("type", "processor", "threads")
 

@@ -68,6 +68,19 @@ def score(req: dict) -> dict:
 def fetch(req: dict) -> dict:
     model, wd = req["model"], Path(req["weights_dir"])
     wd.mkdir(parents=True, exist_ok=True)
+    try:
+        _download(model, wd)
+    except Exception as e:
+        return {
+            "ok": False,
+            "error": "fetch_failed",
+            "message": f"could not fetch the weights of {model} ({type(e).__name__}: {str(e)[:300]}). "
+            "Fix: put them there by hand: " + "; ".join(missing(model, wd)),
+        }
+    return {"ok": True, "missing": missing(model, wd)}
+
+
+def _download(model: str, wd: Path) -> None:
     if model == "imagereward":
         import ImageReward as RM
         from transformers import BertTokenizer
@@ -79,7 +92,6 @@ def fetch(req: dict) -> dict:
 
         hf_hub_download("xswu/HPSv2", HPS_CHECKPOINT, local_dir=str(wd))
         hf_hub_download(*HPS_BASE)
-    return {"ok": True, "missing": missing(model, wd)}
 
 
 def main(argv: list[str]) -> int:

@@ -151,11 +151,21 @@ def fetch(req: dict) -> dict:
     import vbench.utils as vu
 
     dims = list(req["dimensions"])
-    sub = vu.init_submodules(dims, local=True)
-    if "aesthetic_quality" in dims:
-        from vbench.aesthetic_quality import get_aesthetic_model
+    try:
+        sub = vu.init_submodules(dims, local=True)  # downloads with wget (and git, unzip)
+        if "aesthetic_quality" in dims:
+            from vbench.aesthetic_quality import get_aesthetic_model
 
-        get_aesthetic_model(sub["aesthetic_quality"][1])
+            get_aesthetic_model(sub["aesthetic_quality"][1])
+    except Exception as e:
+        missing = missing_weights(dims)
+        return {
+            "ok": False,
+            "error": "fetch_failed",
+            "message": f"vbench's download failed ({type(e).__name__}: {str(e)[:300]}); vbench downloads with "
+            f"wget, git and unzip. Fix: put the files there by hand, or set $VBENCH_CACHE_DIR to a copy:\n"
+            + missing_message(missing),
+        }
     missing = missing_weights(dims)
     if missing:
         return {"ok": False, "error": "error", "message": "after vbench's download:\n" + missing_message(missing)}
