@@ -153,6 +153,9 @@ def test_what_cannot_take_the_options_says_so(tmp_path):
     )
     with pytest.raises(SuiteError, match=r"timing\.warmup.*compile: true.*warmup: 1"):
         load_suite(path)
+    path.write_text(path.read_text().replace("timing: {warmup: 0}", "timing: {warmup: 1, warmup_batch: 2}\nbatch_size: 4"))
+    with pytest.raises(SuiteError, match=r"timing\.warmup_batch.*recompile in the first timed batch"):
+        load_suite(path)
 
 
 def test_a_tiny_pipeline_compiled_channels_last_and_in_bfloat16(sd_dir: Path):  # noqa: F811
