@@ -76,3 +76,27 @@ def test_dit_input_errors(dit_dir):
         build_model("diffusers", pipeline=str(dit_dir), prompts=["a cat"], device="cpu")
     with pytest.raises(PipelineError, match=r"class_labels must be in 0\.\.999"):
         build_model("diffusers", pipeline=str(dit_dir), class_labels=[1000], device="cpu")
+
+
+def test_plan_reads_the_pipelines_configs(dit_dir, tmp_path):
+    """`bench plan` decides what applies from the pipelines' configs alone (no model built): on DiT
+    (class-conditional, a transformer) the UNet cache is left out, the DiT caches and solvers kept;
+    on SDXL (a UNet) the other way round."""
+    from conftest import write_suite
+    from tiny_pipelines import sdxl
+
+    from bench.suite import expand, load_suite
+
+    sdxl_dir = sdxl(tmp_path / "sdxl")
+    path = write_suite(
+        tmp_path / "two.yaml",
+        f"models: [{{name: diffusers, options: {{pipeline: '{dit_dir}', class_labels: [1, 2]}}}},\n"
+        f"         {{name: diffusers, options: {{pipeline: '{sdxl_dir}', prompts: [a cat]}}}}]\n"
+        "methods: [ddim, euler, deepcache, fora, first_block_cache]\nsteps: [4]\nguidance: [2.0]\nmetrics: [psnr]\n"
+        "reference: [{method: ddim, steps: 4}]\n",
+    )
+    jobs, skipped = expand(load_suite(path))
+    planned = {d: {j.method for j in jobs if j.model.options["pipeline"] == str(d)} for d in (dit_dir, sdxl_dir)}
+    assert planned[dit_dir] == {"ddim", "euler", "fora", "first_block_cache"}
+    assert planned[sdxl_dir] == {"ddim", "euler", "deepcache"}
+    assert skipped

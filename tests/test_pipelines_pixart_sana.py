@@ -106,5 +106,8 @@ def test_bench_dpmpp_2m_reproduces_the_sana_loop(sana_bundle, sana_dir):
 
 def test_caches_run_on_sana(sana_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    out = run_applicable_caches(sana_bundle, 4, 4.5, [0, 1], refused=TEACACHE_REFUSES)
-    assert "first_block_cache" in out and "magcache" in out and len(out) >= 10, sorted(out)
+    # ToCa caches token-wise sub-layers called on one (B, N, D) tensor; SANA's feed-forward is a
+    # convolution over the (B, N, D) tokens reshaped to the image grid (GLUMBConv), and it says so
+    refused = {**TEACACHE_REFUSES, "toca": "ToCa token-caches sub-layers called with one"}
+    out = run_applicable_caches(sana_bundle, 4, 4.5, [0, 1], refused=refused)
+    assert "first_block_cache" in out and "magcache" in out and len(out) >= 9, sorted(out)

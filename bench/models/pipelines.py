@@ -1,25 +1,45 @@
-"""The real tier: a diffusers text-to-image pipeline, by hub id or local directory, as a bench model.
+"""The real tier: a diffusers pipeline, by hub id or local directory, as a bench model.
 
 The pipeline's network, noise schedule and text encoder become a :class:`ModelBundle` like the
 embedded teachers', so every registered method (solvers, caches) runs on it unchanged and the
 harness counts, times and scores it the same way:
 
-- the suite's prompts are encoded once; a job's "class" k is prompt k (samples cycle through the
+- the suite's prompts are encoded once, as the pipeline's own ``__call__`` encodes them (its
+  defaults: caption cleaning, sequence length, SANA's complex human instruction, SDXL's zero
+  embedding for an empty negative prompt); a job's "class" k is prompt k (samples cycle through the
   prompts), and the null class is the negative prompt (empty by default), so classifier-free
-  guidance is bench's one batched cond + uncond pass, as in the pipeline itself;
+  guidance is bench's one batched cond + uncond pass, as in the pipeline itself. A class-conditional
+  pipeline (DiT) takes ``class_labels`` (ImageNet ids, or ``all``) instead, its null class (1000)
+  being the unconditional row;
 - the noise schedule comes from the pipeline's scheduler config (its betas and prediction type, or
-  rectified flow for a flow-matching scheduler); the sampler is the method's, never the
-  pipeline's own loop, so a flow pipeline's time shift is not applied (the `schedule` knob of
-  bench's solvers chooses the steps);
+  rectified flow for a flow-matching scheduler or a DPM-Solver on flow sigmas); the sampler is the
+  method's, never the pipeline's own loop. A flow pipeline's time shift is applied as the pipeline
+  applies it (option ``shift``: ``auto`` = SD3's static ``shift``, FLUX's resolution-dependent
+  ``mu`` from the image's token count, SANA's ``flow_shift``; ``none``; or a number) by a
+  :class:`ShiftedFlowSchedule`: bench's time is reparametrised so that every schedule and solver
+  steps on the shifted noise levels, and the network is called at its own shifted timestep. So
+  bench's ``euler`` (``uniform`` grid) at n steps is FLUX's default loop and SD3's loop at sigmas
+  linspace(1, 1/n, n) (SD3's default grid ends at shift(1/1000) instead of 1/n before the shift:
+  diffusers shifts its last level twice, which bench's grid does not reproduce). VP pipelines
+  match diffusers' schedulers on the 'trailing' spacing (bench's ``uniform``);
+- a network that also predicts a learned variance (PixArt, DiT) is read by its first half of
+  channels, as its pipeline reads it;
 - samples are latents; ``decode`` (the pipeline's VAE) turns them into images in [-1, 1] for the
   metrics and grids, outside the timed sampler call.
 
-Supported so far: ``UNet2DConditionModel`` pipelines on a discrete DDPM-family schedule (Stable
-Diffusion 1.x/2.x and their fine-tunes), ``SD3Transformer2DModel`` pipelines on a flow-matching
-schedule (Stable Diffusion 3/3.5, with or without the T5 encoder) and ``FluxTransformer2DModel``
-pipelines (FLUX.1; a guidance-distilled one takes the guidance scale as an input, one pass per
-step). Others fail with a message saying so. Weights are read from a local directory or the local Hugging Face cache;
-nothing is downloaded unless ``download: true``.
+Supported: ``UNet2DConditionModel`` pipelines on a discrete DDPM-family schedule (Stable Diffusion
+1.x/2.x and their fine-tunes; SDXL, whose added text/time conditioning, the pooled text embedding
+and the original-size / crop / target-size ids, are built as StableDiffusionXLPipeline builds them,
+options ``original_size``, ``crops_coords_top_left``, ``target_size``), ``SD3Transformer2DModel``
+(Stable Diffusion 3/3.5, with or without the T5 encoder), ``FluxTransformer2DModel`` (FLUX.1; a
+guidance-distilled one takes the guidance scale as an input, one pass per step),
+``PixArtTransformer2DModel`` (PixArt-alpha and -Sigma, T5 with its attention mask; bench samples at
+the given size, without the pipeline's resolution binning), ``SanaTransformer2DModel`` (SANA, Gemma2)
+and DiTPipeline's class-conditional ``Transformer2DModel`` (DiT-XL/2). Not yet: SANA-Sprint
+(SCM/TrigFlow sampling), HunyuanDiT, Lumina. Others fail with a message saying so. Weights are read
+from a local directory or the local Hugging Face cache; nothing is downloaded unless ``download: true``.
+SD3's last joint block and SANA's blocks are adjusted for diffusers' cache hooks
+(:mod:`bench.models.pipeline_blocks`; the computation is unchanged).
 """
 
 from __future__ import annotations
