@@ -389,6 +389,14 @@ class ModelEntry(Strict):
             except PromptSetError as e:
                 raise nested([(("options", "prompts"), str(e))]) from None
             opts = {**opts, "prompts": ["(the prompt set)"]}
+        if "latents" in opts:  # start latents from a file (bench.latents): pinned here, not the model's own option
+            from bench.latents import LatentsError, pin
+
+            try:
+                self.options = {**self.options, "latents": pin(opts["latents"], Path((info.context or {}).get("base", ".")))}
+            except LatentsError as e:
+                raise nested([(("options", "latents"), str(e))]) from None
+            opts = {k: v for k, v in opts.items() if k != "latents"}
         if isinstance(schema, type) and issubclass(schema, BaseModel):
             try:
                 schema.model_validate(opts)

@@ -34,6 +34,7 @@ from bench.accounting import (
 )
 from bench.artifacts import ArtifactSpec, ArtifactStore, default_artifact_store, ensure, job_cost, load_all
 from bench.bundle import ModelBundle
+from bench.latents import start_noise
 from bench.metrics.base import MetricContext
 from bench.models.options import deployment_of
 from bench.registry import METHODS, METRICS
@@ -134,7 +135,7 @@ def run_job(
 
     def call(lo: int, hi: int) -> torch.Tensor:
         gens = generators(job.seed, range(lo, hi), device)
-        z = noise(gens, bundle.sample_shape, bundle.dtype, device)
+        z = start_noise(bundle, lo, hi, noise(gens, bundle.sample_shape, bundle.dtype, device))  # or a latents file's
         cond = labels[lo:hi].to(device) if labels is not None else None
         return prepared(z, cond, job.guidance, gens)
 
@@ -242,6 +243,8 @@ def run_job(
             row["missing_metrics"] += ("," if row["missing_metrics"] else "") + name
     row["reference_set"] = ctx.cache.get("reference_used", suite.reference_set or "")
     row["reference_id"] = ",".join(sorted(set(ctx.cache.get("reference_ids", {}).values())))  # bench.metrics.refs
+    if bundle.extra.get("latents_id"):
+        row["start_latents"] = bundle.extra["latents_id"]  # the latents file every sample started from (bench.latents)
     if bundle.extra.get("prompt_set"):  # a named prompt set (bench.prompts): its identity, and metrics per category
         from bench.metrics.breakdown import per_category
 

@@ -175,10 +175,12 @@ def build_model(name: str, **options: Any) -> ModelBundle:
     entry = MODELS.entry(name)
     if entry.meta.get("kind") == "classifier":
         raise ValueError(f"{name!r} is a feature network, not a generative model")
+    from bench.latents import attach, split_options  # a `latents:` file: the start of every sample
     from bench.prompts import resolve_model_options  # a `prompts: {set: ...}` option: the set's verified prompts
 
     given = dict(options)
     options, prompt_set = resolve_model_options(given)
+    options, latents = split_options(options)
     deploy, options = _deploy_options(name, entry, options)
     native = "dtype" in inspect.signature(entry.obj).parameters  # loads its weights in the dtype itself (a pipeline)
     bundle = entry.obj(**options, **({"dtype": deploy.dtype} if native else {}))
@@ -188,6 +190,8 @@ def build_model(name: str, **options: Any) -> ModelBundle:
     if prompt_set is not None:
         bundle.extra["prompt_set"] = prompt_set.identity
         bundle.extra["prompt_categories"] = prompt_set.categories
+    if latents is not None:
+        attach(bundle, latents)
     return bundle
 
 
