@@ -132,8 +132,20 @@ ENVS: dict[str, EnvSpec] = {
             "imagereward",
             "ImageReward 1.5 (Xu et al. 2023), BLIP-based human-preference reward: its own pins "
             "(timm 0.6.13, fairscale 0.4.13) and a transformers whose BLIP internals it imports",
-            # openai-clip: ImageReward imports `clip` (its CLIP and aesthetic scores) without declaring it
-            ("image-reward==1.5", "transformers==4.33.2", "openai-clip", "torch", "torchvision", _SETUPTOOLS),
+            # ImageReward imports `clip` without declaring it, and at its import diffusers (ReFL), whose
+            # releases of transformers 4.33's time (0.21) import huggingface_hub's cached_download (gone in 0.26)
+            (
+                "image-reward==1.5",
+                "transformers==4.33.2",
+                "diffusers==0.21.4",
+                "huggingface-hub<0.26",
+                "numpy<2",
+                "pyarrow<18",  # datasets (imported by ImageReward) imports pyarrow; newer ones need numpy 2
+                "openai-clip",
+                "torch",
+                "torchvision",
+                _SETUPTOOLS,
+            ),
             imports=("ImageReward",),
             worker_env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
         ),
