@@ -100,3 +100,28 @@ def test_plan_reads_the_pipelines_configs(dit_dir, tmp_path):
     assert planned[dit_dir] == {"ddim", "euler", "fora", "first_block_cache"}
     assert planned[sdxl_dir] == {"ddim", "euler", "deepcache"}
     assert skipped
+
+
+def test_a_suite_runs_on_dit(dit_dir, tmp_path):
+    """The harness end to end on the class-conditional pipeline: samples decoded by its VAE,
+    a DiT cache skipping blocks, NFE one guided call per step."""
+    import numpy as np
+    import pandas as pd
+    from conftest import write_suite
+
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    path = write_suite(
+        tmp_path / "dit.yaml",
+        f"name: tiny-dit\nmodels: [{{name: diffusers, options: {{pipeline: '{dit_dir}', class_labels: [1, 2, 3], "
+        "device: cpu}}]\nmethods: [ddim, {name: fora, knobs: {interval: [2]}}]\nsteps: [4]\nguidance: [4.0]\n"
+        "n_samples: 4\nbatch_size: 2\nmetrics: [psnr]\nreference: [{method: ddim, steps: 4}]\ntiming: {warmup: 0}\n",
+    )
+    run = run_suite(load_suite(path), "r", tmp_path / "res", progress=False)
+    df = pd.read_parquet(run / "results.parquet").set_index("method")
+    assert (df["status"] == "ok").all(), df["error"].tolist()
+    assert (df["nfe"] == 4).all() and np.isinf(df.loc["ddim", "psnr"]) and np.isfinite(df.loc["fora", "psnr"])
+    assert df.loc["fora", "units_fraction"] < 1
+    samples = np.load(run / "jobs" / df["job_id"].iloc[0] / "samples.npy")
+    assert samples.shape == (4, 3, 16, 16) and samples.min() >= -1 and samples.max() <= 1
