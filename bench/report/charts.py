@@ -151,6 +151,13 @@ def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, floa
         top=1 - (0.75 + 0.15 * (rule.count("\n") + 2)) / h,  # room for the title and the panel titles
     )
     fam_colour = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
+    t = t.assign(
+        **{c: t[c] if c in t else d for c, d in (("train_cost_source", "measured"), ("train_cost_quoted_gpu_h", np.nan))}
+    )
+    quoted = t["train_cost_source"] == "quoted"
+    # a quoted cost (a released student's paper, GPU-hours) sits on the same log axis in GPU-seconds, drawn
+    # as a diamond with its own legend entry: never mixed silently with bench's measured costs
+    t = t.assign(train_cost_s=np.where(quoted, 3600.0 * t["train_cost_quoted_gpu_h"].astype(float), t["train_cost_s"]))
     costs = [c for c in [*(t["train_cost_s"].astype(float) if len(t) else []), *teacher_costs.values()] if c > 0]
     lo, hi = (np.log(min(costs)), np.log(max(costs))) if costs else (0.0, 1.0)
 
@@ -173,10 +180,10 @@ def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, floa
                 ax.axvspan(band - 0.5, band + 0.5, color="0.95", zorder=0)
         for cls, grp in matched.groupby("training"):
             for k, (_, s) in enumerate(grp.sort_values("method").iterrows()):
-                x = xpos(str(cls), float(s["train_cost_s"] or 0.0), k, len(grp))
-                ax.scatter(x, s["speedup"], s=60, color=fam_colour.get(s["family"], "black"), edgecolor="black", zorder=3)
+                x = xpos(str(cls), _cost(s), k, len(grp))
+                ax.scatter(x, s["speedup"], s=60, zorder=3, **_point_style(s, fam_colour))
                 ref = " (ref)" if s["is_reference_method"] else ""
-                cost = f"\n{fmt.duration(s['train_cost_s'])}" if s["train_cost_s"] > 0 else ""
+                cost = _cost_text(s, "\n")
                 labels.setdefault(ax, []).append((x, float(s["speedup"]), f"{s['method']}{ref}{cost}"))
         if model in teacher_costs:  # the teacher's own training, for scale
             x = xpos("full", teacher_costs[model], 0, 1)
@@ -202,10 +209,10 @@ def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, floa
                 if band % 2 == 0:
                     bottom.axvspan(band - 0.5, band + 0.5, color="0.95", zorder=0)
             for k, (_, s) in enumerate(unmatched.iterrows()):
-                cost = float(s["train_cost_s"] or 0.0)
-                x = xpos(str(s["training"]), cost, k, len(unmatched))
-                bottom.scatter(x, k, s=30, facecolor="white", edgecolor=fam_colour.get(s["family"], "black"), lw=1.5, zorder=3)
-                text = s["method"] + (f" {fmt.duration(cost)}" if cost > 0 else "")
+                x = xpos(str(s["training"]), _cost(s), k, len(unmatched))
+                marker = "D" if s["train_cost_source"] == "quoted" else "o"
+                bottom.scatter(x, k, s=30, marker=marker, facecolor="white", edgecolor=fam_colour.get(s["family"], "black"), lw=1.5, zorder=3)  # fmt: skip
+                text = s["method"] + _cost_text(s, " ")
                 right = x < len(TRAINING_CLASSES) - 1.2  # labels of the last band go to the left of their point
                 bottom.annotate(text, (x, k), xytext=(5 if right else -5, 0), textcoords="offset points",
                                 ha="left" if right else "right", va="center", fontsize=6.5, color="0.25")  # fmt: skip
@@ -213,13 +220,35 @@ def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, floa
             bottom.set_yticks([])
             bottom.set_ylabel("not matched", fontsize=8)
         bottom.set_xticks(range(len(TRAINING_CLASSES)), [TRAINING_NAMES[c] for c in TRAINING_CLASSES], fontsize=8)
-        bottom.set_xlabel("training class (position within a class: measured training cost, log)")
+        bottom.set_xlabel(
+            "training class (position in a class: cost, log; diamonds: quoted GPU-h)"
+            if quoted.any()
+            else "training class (position within a class: measured training cost, log)"
+        )
         bottoms.append(bottom)
     fams = sorted(set(t["family"])) if len(t) else []
     handles = [plt.Line2D([], [], color=fam_colour.get(f, "black"), marker="o", ls="", mec="black", label=f) for f in fams]
     if teacher_costs:
         handles.append(
             plt.Line2D([], [], color="0.25", marker="*", ls="", ms=10, label="the teacher network's\nown training (1x)")
+        )
+    if quoted.any():
+        handles.append(
+            plt.Line2D(
+                [],
+                [],
+                color="0.5",
+                marker="D",
+                ls="",
+                mec="black",
+                label="training cost quoted from\nthe paper (GPU-hours),\nnot measured by bench",
+            )
+        )
+    if (quoted & ~np.isfinite(t["train_cost_quoted_gpu_h"].astype(float))).any():
+        handles.append(
+            plt.Line2D(
+                [], [], color="0.5", marker="D", mfc="white", ls="", label="quoted: cost not published\n(placed without a cost)"
+            )
         )
     if len(t) and (~t["matched"]).any():
         handles.append(
@@ -241,6 +270,30 @@ def speedup_figure(speedups: Speedups, path: Path, teacher_costs: dict[str, floa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _cost(s: pd.Series) -> float:
+    """A record's training cost on the chart's axis (seconds; a quoted one as GPU-seconds), 0 if none."""
+    v = float(s["train_cost_s"]) if pd.notna(s["train_cost_s"]) else 0.0
+    return v if v > 0 else 0.0
+
+
+def _cost_text(s: pd.Series, sep: str) -> str:
+    """The cost in a point's label: measured as a duration, quoted as the paper's GPU-hours (or "not published")."""
+    if s["train_cost_source"] == "quoted":
+        h = float(s["train_cost_quoted_gpu_h"])
+        return f"{sep}quoted {h:g} GPU-h" if np.isfinite(h) else f"{sep}quoted: not published"
+    return f"{sep}{fmt.duration(s['train_cost_s'])}" if _cost(s) > 0 else ""
+
+
+def _point_style(s: pd.Series, fam_colour: dict[str, Any]) -> dict[str, Any]:
+    """A matched point: a filled circle for a measured cost; a diamond for a quoted one (hollow when not published)."""
+    colour = fam_colour.get(s["family"], "black")
+    if s["train_cost_source"] != "quoted":
+        return {"marker": "o", "color": colour, "edgecolor": "black"}
+    if np.isfinite(float(s["train_cost_quoted_gpu_h"])):
+        return {"marker": "D", "color": colour, "edgecolor": "black"}
+    return {"marker": "D", "facecolor": "white", "edgecolor": colour, "linewidths": 1.5}
 
 
 # label offsets tried around a point, in points: right, left, above, below, then further out

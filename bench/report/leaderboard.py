@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -66,7 +67,16 @@ def cost_and_quality(
     m = mm.loc[idx] if idx in mm.index else None
     cells.append("-" if m is None else fmt.ci(m["mmhm"], m["mmhm_ci_low"], m["mmhm_ci_high"], 3))
     cost = r.get("train_cost_s") if train_cost_s is None else train_cost_s
-    return cells + [str(r["training"]), fmt.duration(cost), _teacher_nfe(r), _artifact(r)]
+    return cells + [str(r["training"]), train_cost_cell(r, cost), _teacher_nfe(r), _artifact(r)]
+
+
+def train_cost_cell(r: pd.Series, cost: Any) -> str:
+    """The training-cost cell: bench's measured duration, or a released student's cost quoted from its
+    paper (GPU-hours, or "not published"), said to be quoted and never shown as a measured 0 s."""
+    if r.get("train_cost_source") == "quoted":
+        h = pd.to_numeric(pd.Series([r.get("train_cost_quoted_gpu_h")]), errors="coerce").iloc[0]
+        return f"{float(h):g} GPU-h (quoted)" if pd.notna(h) else "not published (quoted)"
+    return fmt.duration(cost)
 
 
 def _teacher_nfe(r: pd.Series) -> str:

@@ -254,6 +254,19 @@ def paired_within_tolerance(ci: tuple[float, float] | None, ref: float, higher: 
     return bool(np.isfinite(worst)) and worst <= tol * abs(ref) + 1e-12 * max(1.0, abs(ref))
 
 
+def quoted_columns(row: pd.Series) -> dict[str, Any]:
+    """Where a row's training cost comes from: ``measured`` (bench's own builds) or ``quoted`` (a
+    released student's paper: GPU-hours, NaN where not published, and the citation)."""
+    source = row.get("train_cost_source")
+    quoted = isinstance(source, str) and source == "quoted"
+    gpu_h = pd.to_numeric(pd.Series([row.get("train_cost_quoted_gpu_h")]), errors="coerce").iloc[0]
+    return {
+        "train_cost_source": "quoted" if quoted else "measured",
+        "train_cost_quoted_gpu_h": float(gpu_h) if quoted else np.nan,
+        "train_cost_citation": str(row.get("train_cost_citation") or "") if quoted else "",
+    }
+
+
 def matched_speedups(
     ok: pd.DataFrame,
     metric: str,
@@ -314,6 +327,7 @@ def matched_speedups(
                 rec |= {"matched": False, "row": idx, "speedup": np.nan}
                 rec |= {"speedup_latency": np.nan, "speedup_nfe": np.nan, "speedup_flops": np.nan}
                 rec["train_cost_s"] = float(pd.to_numeric(mrows["train_cost_s"], errors="coerce").fillna(0).max())
+            rec |= quoted_columns(ok.loc[rec["row"]])
             out.append(rec)
     table = pd.DataFrame(out)
     if len(table):
