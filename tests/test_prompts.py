@@ -181,3 +181,28 @@ def test_a_partiprompts_run_records_categories_and_reports_per_category_tables(s
     assert "partiprompts@fab29e41bb51" in md and "Animals (n=4)" in md and "Vehicles (n=4)" in md
     assert "dpmpp_2m 3 steps" in md and f"{halves[0]:.4g}" in md
     assert "Metrics per prompt category" in rep.index.read_text()
+
+
+def test_clip_score_per_category_is_the_mean_of_its_samples():
+    """bench.metrics.breakdown on CLIP score values already computed (the metric reads its per-sample
+    values from the context's cache; no CLIP weights are needed to break them down)."""
+    import numpy as np
+    import torch
+    from helpers import random_bundle
+
+    from bench.metrics.base import MetricContext
+    from bench.metrics.breakdown import per_category
+
+    values = np.array([30.0, 31.0, 20.0, 22.0, 32.0, 24.0])
+    cats = ["Animals", "Animals", "Vehicles", "Vehicles", "Animals", "Vehicles"]
+    ctx = MetricContext(
+        torch.zeros(6, 3, 8, 8), torch.arange(6), random_bundle(), bootstrap=50, prompts=[f"p{i}" for i in range(6)]
+    )
+    ctx.cache["clip_score_values"] = values
+    got = per_category(ctx, ["clip_score", "fid_inception"], cats)
+    assert set(got) == {"clip_score"}  # a set distance to a reference is not broken down
+    assert got["clip_score"]["Animals"]["value"] == pytest.approx(31.0) and got["clip_score"]["Vehicles"][
+        "value"
+    ] == pytest.approx(22.0)
+    assert got["clip_score"]["Animals"]["n"] == 3
+    assert 30.0 <= got["clip_score"]["Animals"]["ci_low"] <= 31.0 <= got["clip_score"]["Animals"]["ci_high"] <= 32.0
