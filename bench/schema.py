@@ -386,15 +386,15 @@ class ModelEntry(Strict):
                 self.options = {**opts, "prompts": pin_options(opts["prompts"], Path((info.context or {}).get("base", ".")))}
             except ValidationError as e:
                 raise nested([(("options", "prompts", *loc), msg) for err in e.errors() for loc, msg in problems_of(err, PromptSetRef)]) from None  # fmt: skip
-            except PromptSetError as e:
+            except (PromptSetError, RuntimeError, OSError) as e:  # RuntimeError: a ~user path of no such user
                 raise nested([(("options", "prompts"), str(e))]) from None
             opts = {**opts, "prompts": ["(the prompt set)"]}
         if "latents" in opts:  # start latents from a file (bench.latents): pinned here, not the model's own option
-            from bench.latents import LatentsError, pin
+            from bench.latents import pin
 
             try:
                 self.options = {**self.options, "latents": pin(opts["latents"], Path((info.context or {}).get("base", ".")))}
-            except LatentsError as e:
+            except (ValueError, RuntimeError, OSError) as e:  # LatentsError is a ValueError
                 raise nested([(("options", "latents"), str(e))]) from None
             opts = {k: v for k, v in opts.items() if k != "latents"}
         if isinstance(schema, type) and issubclass(schema, BaseModel):

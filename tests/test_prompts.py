@@ -206,3 +206,11 @@ def test_clip_score_per_category_is_the_mean_of_its_samples():
     ] == pytest.approx(22.0)
     assert got["clip_score"]["Animals"]["n"] == 3
     assert 30.0 <= got["clip_score"]["Animals"]["ci_low"] <= 31.0 <= got["clip_score"]["Animals"]["ci_high"] <= 32.0
+
+
+def test_unusable_paths_in_a_suite_are_suite_errors(tmp_path):
+    body = "methods: [ddim]\nsteps: [4]\nguidance: [1.0]\nmetrics: []\n"
+    for opt in ("prompts: {set: drawbench, path: ~no_such_user_x/d.csv}", "prompts: [a], latents: ~no_such_user_x/l.pt"):
+        path = write_suite(tmp_path / "s.yaml", f"models:\n  - {{name: diffusers, options: {{pipeline: ./p, {opt}}}}}\n" + body)
+        with pytest.raises(SuiteError, match=r"models\[0\]\.options\.(prompts|latents): "):
+            load_suite(path)
