@@ -53,7 +53,10 @@ def cmd_ref(args: argparse.Namespace) -> int:
     if args.action == "list":
         for m in refs.listing():
             n = m.get("n")
-            print(f"{m['refset']:20s} {m['space']:14s} {'' if n is None else f'{n} images':12s} {m['path']}")
+            what = "statistics only" if m.get("stats_only") else "" if n is None else f"{n} images"
+            res = f"{m['resolution']}px" if m.get("resolution") else ""
+            src = str(m.get("source_sha256") or "")[:12]
+            print(f"{m['refset']:20s} {m['space']:22s} {what:16s} {res:7s} {src:12s} {m['path']}")
         return 0
     if not args.refset:
         print(f"bench ref {args.action}: name the reference set (digits-train, digits-heldout, or a new name with --images DIR)")

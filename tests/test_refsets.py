@@ -51,7 +51,7 @@ def _images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-def test_a_folder_at_a_stated_resolution_uses_clean_fids_resize_and_writes_a_manifest(tmp_path):
+def test_a_folder_at_a_stated_resolution_uses_clean_fids_resize_and_writes_a_manifest(tmp_path, capsys):
     ims = _images(6, 24, 32)
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -73,7 +73,10 @@ def test_a_folder_at_a_stated_resolution_uses_clean_fids_resize_and_writes_a_man
     ref = refs.load("mini", TINY)
     np.testing.assert_allclose(ref.feats, _tiny_extract(by_hand), rtol=0, atol=1e-6)  # float32 storage
     assert ref.identity == f"mini/{TINY}@{meta['source_sha256'][:12]}"
+    capsys.readouterr()
     assert main(["ref", "list"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("mini "))
+    assert TINY in line and "6 images" in line and "16px" in line and meta["source_sha256"][:12] in line
 
 
 def test_an_npz_reference_batch_records_its_checksum_labels_and_identity(tmp_path):
