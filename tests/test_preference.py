@@ -51,6 +51,9 @@ def test_registered_refuse_without_prompts_and_absent_env(metric, env, tmp_path,
 )
 def test_absent_weights_name_them_and_the_fetch_command(metric, env, names, tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_ENVS", str(USER_ENVS))
+    if not envs.status(env).ready and os.environ.get("BENCH_TEST_ENVS") != "build":
+        # made cold, the two environments add ~9 min (hpsv2 ~7) to `make test`: over its budget on a fresh machine
+        pytest.skip(f"environment {env} not set up here: `bench env setup {env}` (or BENCH_TEST_ENVS=build) runs this test")
     manifest = envs.setup(env, log=lambda s: print(s, file=sys.stderr))  # idempotent: made once, then cached
     assert manifest["key"] == envs.spec(env).key()
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache, whatever the user has
