@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,16 +38,15 @@ def perturbed(unet: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn
     return out
 
 
-@pytest.fixture(scope="module")
-def students(sd_dir, tmp_path_factory):  # noqa: F811
-    """Stand-ins of each released form, saved as the authors publish them."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def make_students(d: Path, pipe_dir: Path, pipeline_cls: type) -> Path:
+    """Stand-ins of each released form for the teacher pipeline in ``pipe_dir``, saved in ``d`` as the
+    authors publish them: an LCM UNet, a random LoRA, UNet state-dict files, a whole pipeline."""
+    from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    d = tmp_path_factory.mktemp("students")
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+    pipe = pipeline_cls.from_pretrained(pipe_dir)
     unet = pipe.unet
     # an LCM UNet: the teacher's architecture plus the guidance-scale input (time_cond_proj_dim)
     torch.manual_seed(1)
@@ -57,25 +57,27 @@ def students(sd_dir, tmp_path_factory):  # noqa: F811
     config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     lora_unet.add_adapter(config)
     layers = get_peft_model_state_dict(lora_unet)
-    StableDiffusionPipeline.save_lora_weights(d / "lora", unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
+    pipeline_cls.save_lora_weights(d / "lora", unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
     # UNet state dicts of the teacher's architecture: DMD2's torch .bin, Lightning's safetensors
     (d / "dmd2").mkdir()
     torch.save(perturbed(unet, 3).state_dict(), d / "dmd2" / "dmd2_sdxl_4step_unet_fp16.bin")
     torch.save(perturbed(unet, 4).state_dict(), d / "dmd2" / "dmd2_sdxl_1step_unet_fp16.bin")
     (d / "lightning").mkdir()
     for n in (1, 2):
-        save_file(
-            {k: v.contiguous() for k, v in perturbed(unet, 10 + n).state_dict().items()},
-            d / "lightning" / f"sdxl_lightning_{n}step_unet.safetensors",
-        )
+        sd = {k: v.contiguous() for k, v in perturbed(unet, 10 + n).state_dict().items()}
+        save_file(sd, d / "lightning" / f"sdxl_lightning_{n}step_unet.safetensors")
     # a whole pipeline (SDXL-Turbo's form): other weights, its own scheduler (Euler ancestral, trailing)
-    turbo = StableDiffusionPipeline(
-        pipe.vae, pipe.text_encoder, pipe.tokenizer, perturbed(unet, 5),
-        EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    turbo.save_pretrained(d / "turbo")
+    pipe.unet = perturbed(unet, 5)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.save_pretrained(d / "turbo")
     return d
+
+
+@pytest.fixture(scope="module")
+def students(sd_dir, tmp_path_factory):  # noqa: F811
+    from diffusers import StableDiffusionPipeline
+
+    return make_students(tmp_path_factory.mktemp("students"), sd_dir, StableDiffusionPipeline)
 
 
 def start(b, n: int = 2, seed: int = 0):

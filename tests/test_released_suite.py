@@ -1,5 +1,6 @@
 """Released students in a suite: suites/sdxl-students.yaml validates and expands here, and its tiny
-stand-in (tests/suites/released_tiny.yaml: the same methods on random-weight pipelines) plans and runs
+stand-in (tests/suites/released_tiny.yaml: the same methods on a random-weight SDXL pipeline and
+student stand-ins of the same architecture) plans and runs
 end to end with `bench run`, giving rows with the student's own NFE and its quoted training cost."""
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from string import Template
 import pandas as pd
 import pytest
 import yaml
-from test_pipelines import sd_dir  # noqa: F401  (the tiny SD teacher)
-from test_released import students  # noqa: F401  (the student stand-ins)
+from test_released_sdxl import sdxl_dir, sdxl_students  # noqa: F401  (the tiny SDXL teacher and its student stand-ins)
 
 from bench.registry import METHODS
 from bench.suite import expand, load_suite
@@ -41,8 +41,8 @@ def test_the_sdxl_students_suite_validates_and_expands():
 
 
 @pytest.fixture
-def tiny_suite(tmp_path, sd_dir, students):  # noqa: F811
-    text = Template(TINY.read_text()).substitute(teacher=str(sd_dir), students=str(students))
+def tiny_suite(tmp_path, sdxl_dir, sdxl_students):  # noqa: F811
+    text = Template(TINY.read_text()).substitute(teacher=str(sdxl_dir), students=str(sdxl_students))
     path = tmp_path / "released_tiny.yaml"
     path.write_text(text)
     return path
@@ -59,7 +59,7 @@ def test_the_stand_in_suite_plans_with_the_students_nfe(tiny_suite):
 
 
 @pytest.mark.slow
-def test_bench_run_of_the_stand_in_suite(tiny_suite, students, tmp_path, monkeypatch):  # noqa: F811
+def test_bench_run_of_the_stand_in_suite(tiny_suite, sdxl_students, tmp_path, monkeypatch):  # noqa: F811
     """`bench run`: every job ok; each student's NFE is its step count on its own network (one row per
     sample: none runs the suite's guidance 3), its FLOPs per image those of its steps; its training
     cost quoted, never measured (train_cost_s 0): LCM's stand-in takes the LCM paper's quote (this
@@ -69,7 +69,7 @@ def test_bench_run_of_the_stand_in_suite(tiny_suite, students, tmp_path, monkeyp
 
     lcm = METHODS.get("lcm_unet")
     quote = lcm.quotes["SimianLuo/LCM_Dreamshaper_v7"]
-    monkeypatch.setattr(lcm, "quotes", {str(students / "lcm"): quote})
+    monkeypatch.setattr(lcm, "quotes", {str(sdxl_students / "lcm"): quote})
     assert isinstance(quote, QuotedCost)
     res = tmp_path / "res"
     assert main(["run", str(tiny_suite), "--results", str(res), "--run-id", "t", "--no-progress"]) == 0

@@ -237,9 +237,10 @@ def sample_scheduler(
     kw = {k: v for k, v in (step_kwargs or {}).items() if k in params}
     if "generator" in params:
         kw["generator"] = generators
-    x = noise * sched.init_noise_sigma
+    x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers start at the noise itself
+    scale = getattr(sched, "scale_model_input", lambda x, t: x)
     for t in sched.timesteps:
-        out = den(sched.scale_model_input(x, t), t, cond)
+        out = den(scale(x, t), t, cond)
         x = sched.step(out, t, x, **kw, return_dict=False)[0]
     return x
 
