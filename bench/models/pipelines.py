@@ -87,7 +87,14 @@ class ShiftedFlowSchedule(FlowSchedule):
     map with ``m = exp(mu)``). Equivalently sigma / alpha = m u / (1 - u): the shift multiplies every
     noise level by ``m``, so each of bench's schedules (uniform, karras, logsnr, ays, gits), chosen
     in ``u``, lands on the levels the pipeline samples at, and every solver steps with the true
-    (alpha, sigma) of this method. The network itself is called at ``1000 s`` (:meth:`model_time`)."""
+    (alpha, sigma) of this method. The network itself is called at ``1000 s`` (:meth:`model_time`).
+
+    Known limitation: solvers that evaluate off their grid by converting a flow noise level to
+    time as ``t = 1000 s`` (bench.schedules' flow formulas, methods/solvers: DEIS's flow
+    coefficients, singlestep DPM-Solver's intermediate points, F-PNDM's warm-up midpoints, EDM
+    churn) are wrong on a shifted schedule (tests/test_pipelines_flow.py measures it); grid-point
+    solvers (euler, heun, dpmpp_2m/3m, unipc, ipndm, lms, ddim-type) are exact. ``shift: none``
+    restores the linear time for those; their fix is to ask the schedule (:meth:`time_of_sigma`)."""
 
     shift: float = 1.0
 
@@ -98,6 +105,10 @@ class ShiftedFlowSchedule(FlowSchedule):
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.sigma_of(t)
         return 1 - s, s
+
+    def time_of_sigma(self, s: float) -> float:
+        """Bench's time at noise level ``s`` (the inverse of :meth:`sigma_of`)."""
+        return self.num_train_timesteps * s / (self.shift - (self.shift - 1) * s)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the network was trained with at bench's time ``t`` (1000 s)."""
