@@ -255,6 +255,10 @@ def test_absent_weights_name_the_hub_id_and_the_fetch_command(teacher, tmp_path,
         METHODS.get("lcm_lora")().prepare(teacher, 4)
     with pytest.raises(Exception, match=r"`hf download stabilityai/sdxl-turbo`"):
         METHODS.get("sdxl_turbo")().prepare(teacher, 1)
+    with pytest.raises(ReleasedWeightsError, match=r"`hf download SimianLuo/LCM_Dreamshaper_v7`"):
+        METHODS.get("lcm_unet")().prepare(teacher, 4)
+    with pytest.raises(ReleasedWeightsError, match=r"`hf download ByteDance/Hyper-SD Hyper-SDXL-2steps-lora.safetensors`"):
+        METHODS.get("hyper_sd")().prepare(teacher, 2)
     with pytest.raises(ReleasedWeightsError, match="no such file or directory"):
         METHODS.get("sdxl_lightning")(student=str(tmp_path / "nowhere")).prepare(teacher, 4)
     with pytest.raises(Exception, match="runs at 1/4 steps"):

@@ -23,7 +23,8 @@ class FluxSchnell(ReleasedStudent):
     )
     description = "the released FLUX.1-schnell pipeline: flow-matching Euler on FluxPipeline's sigmas, no guidance, 1-4 steps"
     student_kind = "pipeline"
-    applies_to = Applies(arch=("dit",), conditioning=("text",), schedule=("flow",))
+    # its teacher is FLUX.1-dev (guidance-distilled: the scale is an input), not any flow transformer
+    applies_to = Applies(arch=("dit",), conditioning=("text",), schedule=("flow",), guidance=("embedded",))
     steps_supported = (1, 2, 3, 4)
     knobs = common_knobs("black-forest-labs/FLUX.1-schnell", "the FLUX.1-schnell pipeline")
     quotes = {}  # Black Forest Labs publish no training cost: "not published"
