@@ -381,13 +381,15 @@ class ReleasedStudent(MethodAdapter):
 
     def _student_bundle(self, bundle: ModelBundle, download: bool) -> ModelBundle:
         from bench.models import build_model
-        from bench.models.pipelines import load_pipeline
 
         opts = {k: v for k, v in bundle.options.items() if k not in ("pipeline", "weights")}
         opts["download"] = download
         sb = build_model("diffusers", pipeline=self.student, **opts)
         # the authors' scheduler starts from the student pipeline's own config (its spacing, shift)
-        sb.extra["scheduler_config"] = dict(load_pipeline(self.student, torch.float32, download).scheduler.config)
+        cfg = scheduler_config_of(self.student)
+        if cfg is None:
+            raise ReleasedWeightsError(f"student pipeline {self.student!r} has no scheduler/scheduler_config.json")
+        sb.extra["scheduler_config"] = cfg
         return sb
 
     # the job -----------------------------------------------------------------------------------------
@@ -427,12 +429,11 @@ def common_knobs(student: str, what: str) -> tuple[Knob, ...]:
     )
 
 
-def teacher_scheduler_config(bundle: ModelBundle) -> dict[str, Any]:
-    """The teacher pipeline's own scheduler config (the authors build theirs ``from_config`` of it), from
-    its directory or the local Hugging Face cache; else the settings of bench's schedule (its betas)."""
+def scheduler_config_of(source: str) -> dict[str, Any] | None:
+    """A pipeline's scheduler config, read from its directory or the local Hugging Face cache (the
+    file alone: no component is loaded); None when it is in neither."""
     import json
 
-    source = str(bundle.options.get("pipeline", ""))
     path: Path | None = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
     if source and not path.is_file() and _is_hub_id(source):
         try:
@@ -444,7 +445,13 @@ def teacher_scheduler_config(bundle: ModelBundle) -> dict[str, Any]:
             path = None
     if source and path is not None and path.is_file():
         return json.loads(path.read_text())
-    return vp_scheduler_config(bundle.denoiser)
+    return None
+
+
+def teacher_scheduler_config(bundle: ModelBundle) -> dict[str, Any]:
+    """The teacher pipeline's own scheduler config (the authors build theirs ``from_config`` of it);
+    else the settings of bench's schedule (its betas)."""
+    return scheduler_config_of(str(bundle.options.get("pipeline", ""))) or vp_scheduler_config(bundle.denoiser)
 
 
 def pipeline_scheduler(config: dict[str, Any]) -> Any:
