@@ -367,8 +367,11 @@ class ReleasedStudent(MethodAdapter):
         sub = self.config.get("subfolder", "") or None
         if not path.exists() and not _is_hub_id(self.student):
             raise ReleasedWeightsError(f"student {self.student!r}: no such directory, and not a hub id of the form OWNER/NAME")
+        p = next(teacher.parameters())
         try:
-            m = cls.from_pretrained(str(path) if path.exists() else self.student, subfolder=sub, local_files_only=not download)
+            m = cls.from_pretrained(
+                str(path) if path.exists() else self.student, subfolder=sub, local_files_only=not download, dtype=p.dtype
+            )
         except (OSError, ValueError) as e:
             if path.exists():
                 raise ReleasedWeightsError(f"{path} could not be loaded as a {cls.__name__}: {e}") from e
@@ -376,8 +379,7 @@ class ReleasedStudent(MethodAdapter):
                 f"student {self.student!r} is not in the local Hugging Face cache: fetch it with "
                 f"`hf download {self.student}`, give a local path in the `student` knob, or set the knob `download: true`"
             ) from e
-        p = next(teacher.parameters())
-        return m.to(device=p.device, dtype=p.dtype)
+        return m.to(device=p.device)
 
     def _student_bundle(self, bundle: ModelBundle, download: bool) -> ModelBundle:
         from bench.models import build_model
