@@ -89,12 +89,14 @@ class ShiftedFlowSchedule(FlowSchedule):
     in ``u``, lands on the levels the pipeline samples at, and every solver steps with the true
     (alpha, sigma) of this method. The network itself is called at ``1000 s`` (:meth:`model_time`).
 
-    Known limitation: solvers that evaluate off their grid by converting a flow noise level to
-    time as ``t = 1000 s`` (bench.schedules' flow formulas, methods/solvers: DEIS's flow
-    coefficients, singlestep DPM-Solver's intermediate points, F-PNDM's warm-up midpoints, EDM
-    churn) are wrong on a shifted schedule (tests/test_pipelines_flow.py measures it); grid-point
-    solvers (euler, heun, dpmpp_2m/3m, unipc, ipndm, lms, ddim-type) are exact. ``shift: none``
-    restores the linear time for those; their fix is to ask the schedule (:meth:`time_of_sigma`)."""
+    Solvers that evaluate between grid points ask the schedule: DEIS's flow coefficients scale by
+    ``shift`` and singlestep DPM-Solver finds its intermediate times by :meth:`time_of_sigma`.
+    Known limitation: code that converts a flow noise level to time as ``t = 1000 s`` still does
+    so (methods/solvers/core.py: F-PNDM's warm-up midpoints and EDM churn, ``s_churn > 0``;
+    bench.schedules.time_of_lambda where DPM-Solver-v3 and bench/flowmap.py use it): an error with a
+    shift, measured small for pndm (tests/test_pipelines_flow.py), not measured for the others;
+    those files are in trained methods' code versions.
+    ``shift: none`` restores the linear time."""
 
     shift: float = 1.0
 

@@ -50,7 +50,9 @@ def deis_coefficients(schedule: Schedule, nodes: np.ndarray, t_from: float, t_to
     mid, half = 0.5 * (edges[1:] + edges[:-1]), 0.5 * np.diff(edges)
     wq = mid[:, None] + half[:, None] * _GL_X[None]
     tq = T * -np.expm1(-wq)
-    return np.array([np.sum(half * ((_lagrange(nodes, j, tq) * np.exp(wq)) @ _GL_W)) for j in range(len(nodes))])
+    # a shifted flow time (a pipeline's schedule, sigma_bar = shift * u / (1 - u)) scales sigma_bar by its shift
+    shift = float(getattr(schedule, "shift", 1.0))
+    return shift * np.array([np.sum(half * ((_lagrange(nodes, j, tq) * np.exp(wq)) @ _GL_W)) for j in range(len(nodes))])
 
 
 @torch.no_grad()

@@ -44,7 +44,10 @@ def sample_dpm_solver(
     lam = grid.lam
 
     def level(lam_v: float) -> tuple[float, float, float]:
-        t = float(S.time_of_lambda(sch, lam_v))
+        if hasattr(sch, "time_of_sigma"):  # a reparametrised flow time (a pipeline's shifted schedule)
+            t = float(sch.time_of_sigma(1.0 / (1.0 + math.exp(lam_v))))  # flow: lambda = log((1 - s) / s)
+        else:
+            t = float(S.time_of_lambda(sch, lam_v))
         a, s = S.alpha_sigma(sch, t)
         return t, float(a), float(s)
 
