@@ -325,7 +325,9 @@ def build_parser(command: str | None = None, full: bool = False) -> argparse.Arg
     s.add_argument("--out", help="PNG path (default reports/MODEL-samples.png)")
     s.set_defaults(fn=cmd_samples)
     s = sub.add_parser("train", help="train an embedded network (seeded, resumable) into bench/assets/")
-    s.add_argument("name", choices=["digits-unet", "digits-dit", "digits-features"])
+    s.add_argument(
+        "name", choices=["digits-unet", "digits-dit", "digits-features", "moving-digits-dit", "moving-digits-features"]
+    )
     s.add_argument("--steps", type=int, help="optimiser steps (default: the committed record's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")

@@ -195,4 +195,7 @@ def build_model(name: str, **options: Any) -> ModelBundle:
     return bundle
 
 
-from bench.models import pipelines  # noqa: E402, F401  (registers the real tier's `diffusers` model)
+from bench.models import (  # noqa: E402, F401  (registration)
+    pipelines,  # the real tier's `diffusers` model
+    video,  # the embedded video teacher `moving-digits-dit` and its feature network
+)
