@@ -11,6 +11,11 @@ Artifacts: every artifact the jobs need, whether the artifact store holds it, an
 one an estimate of its build from its declared budget: teacher rows x the probed seconds per
 network row, plus optimiser steps x batch x 3 (forward and backward) x the same per-row seconds
 (a student the teacher's size). Metrics are not included.
+
+Offline: a model whose weights or inputs are not on this machine (a hub pipeline not in the local
+cache, a prompt set not fetched, absent weights) cannot be built, so its jobs have no id yet (the
+id holds the weights' hash) and no probe. They are still planned, as the suite expands them, NFE
+marked ~ and without ids, and the plan names what to fetch (``absent``).
 """
 
 from __future__ import annotations
@@ -88,6 +93,31 @@ def probe_call_seconds(bundle: Any, batch: int, guided: bool, device: str, repea
     return statistics.median(times) * full / batch
 
 
+def absent_inputs() -> tuple[type[Exception], ...]:
+    """The errors of a model build that mean "not on this machine yet" (each names its fetch command)."""
+    from bench.models.pipelines import PipelineAbsentError
+    from bench.prompts import PromptSetAbsentError
+    from bench.weights import MissingWeightsError
+
+    return (PipelineAbsentError, PromptSetAbsentError, MissingWeightsError)
+
+
+def _split_absent(jobs: list[Job], models: ModelCache) -> tuple[list[Job], list[Job], dict[str, str]]:
+    """``jobs`` whose model builds here, those whose model is not on this machine, and per absent
+    model (its label) the error naming what to fetch."""
+    absent: dict[str, str] = {}
+    present, missing = [], []
+    for job in jobs:
+        label = job.model.label
+        if label not in absent:
+            try:
+                models.get(job)
+            except absent_inputs() as e:
+                absent[label] = str(e)
+        (missing if label in absent else present).append(job)
+    return present, missing, absent
+
+
 def plan_suite(
     suite: Suite,
     store_dir: Path | None = None,
@@ -105,6 +135,7 @@ def plan_suite(
     jobs, skipped = expand(suite)
     models = ModelCache()
     n_threads = threads or (1 if executor == "ray" else torch.get_num_threads())
+    jobs, offline, absent = _split_absent(jobs, models)
     planned, duplicates = plan_jobs(suite, jobs, dev, n_threads, models)
     store = JobStore(store_dir) if store_dir is not None else None
     arts = artifact_store or default_artifact_store()
@@ -156,6 +187,28 @@ def plan_suite(
                 "planned_as": "reference" if p.for_baseline else "grid",
             }
         )
+    for job in offline:  # not buildable here: as expanded, no id, no probe (see the module docstring)
+        cls = METHODS.get(job.method)
+        rows.append(
+            {
+                "job_id": None,
+                "model": job.model.label,
+                "method": job.method,
+                "training": cls.training,
+                "knobs": json.dumps(dict(job.knobs), sort_keys=True),
+                "steps": job.steps,
+                "guidance": job.guidance,
+                "n_samples": job.n_samples,
+                "nfe": float(job.steps),
+                "nfe_source": "steps (not probed: the model is not on this machine)",
+                "network_calls": None,
+                "network_rows": 0,
+                "est_s": None,
+                "cached": False,
+                "artifacts": [],
+                "planned_as": "grid",
+            }
+        )
     artifacts = []
     for spec in plan_order([s for p in planned for s in p.artifacts]):
         found = arts.get(spec.key)
@@ -188,6 +241,7 @@ def plan_suite(
     est = [r["est_s"] for r in todo if r["est_s"] is not None]
     build_est = [a["est_s"] for a in artifacts if not a["exists"] and a["est_s"] is not None]
     return {
+        "absent": absent,
         "artifacts": artifacts,
         "artifacts_to_build": sum(1 for a in artifacts if not a["exists"]),
         "build_est_s": sum(build_est) if probe else None,
@@ -217,7 +271,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         knobs = ",".join(f"{k}={v}" for k, v in json.loads(r["knobs"]).items() if defaults.get(k) != v) or "-"
         nfe = f"{r['nfe']:g}" + ("" if r["nfe_source"] == "probe" else "~")
         est = "-" if r["est_s"] is None else f"{r['est_s']:.2f}"
-        body.append([r["model"], r["method"], knobs, str(r["steps"]), f"{r['guidance']:g}", nfe, f"{r['network_rows']:,}", est])
+        rows_ = "?" if r["job_id"] is None else f"{r['network_rows']:,}"
+        body.append([r["model"], r["method"], knobs, str(r["steps"]), f"{r['guidance']:g}", nfe, rows_, est])
         body[-1].append("yes" if r["cached"] else "no")
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = [f"suite {plan['suite']} ({plan['source']}): {len(plan['jobs'])} jobs on {plan['device']}"]
@@ -241,6 +296,9 @@ def format_plan(plan: dict[str, Any]) -> str:
             lines.append(f"  probe: one network call of {k} at the suite's batch size: {1e3 * v:.2f} ms")
     if any(r["nfe_source"] != "probe" for r in plan["jobs"]):
         lines.append("NFE marked ~ is the step count, not a probe")
+    for model, why in plan.get("absent", {}).items():
+        n = sum(1 for r in plan["jobs"] if r["model"] == model)
+        lines.append(f"not on this machine: {model} ({n} jobs planned without ids, probes or artifacts): {why}")
     if plan.get("artifacts"):
         lines.append("")
         lines.append(

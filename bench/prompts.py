@@ -48,6 +48,10 @@ class PromptSetError(ValueError):
     """A prompt set that is missing, corrupted, truncated or badly named; the message names the fix."""
 
 
+class PromptSetAbsentError(PromptSetError):
+    """A prompt set whose file is not on this machine (the message names the fetch command)."""
+
+
 @dataclass(frozen=True)
 class PromptSetSpec:
     """A known prompt set: where it comes from, its file format and what a whole copy looks like."""
@@ -246,7 +250,7 @@ def read_verified(name: str, path: str | None = None, sha256: str | None = None)
     if found is None:
         where = ", ".join(str(p) for p in _candidates(s, path))
         how = f"fix `path:` or fetch it with `{s.fetch_command()}`" if path else f"fetch it once with `{s.fetch_command()}`"
-        raise PromptSetError(
+        raise PromptSetAbsentError(
             f"prompt set {name!r} ({s.description}) not found at {where}; {how} (source: {s.source}), "
             "or give `path:` to a local copy"
         )

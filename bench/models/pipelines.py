@@ -80,6 +80,11 @@ class PipelineError(ValueError):
     """A pipeline that cannot be loaded or is not supported, with the fix in the message."""
 
 
+class PipelineAbsentError(PipelineError):
+    """A hub pipeline that is not on this machine (the message names the fetch command): a suite
+    naming it still validates and plans, without job ids (``bench plan``)."""
+
+
 @dataclass(frozen=True)
 class ShiftedFlowSchedule(FlowSchedule):
     """Rectified flow in a shifted time: bench's native time ``t = 1000 u`` is at noise level
@@ -251,7 +256,7 @@ def load_pipeline(source: str, dtype: torch.dtype, download: bool = False) -> An
     except (OSError, ValueError) as e:
         if local:
             raise PipelineError(f"pipeline directory {path} could not be loaded by diffusers: {e}") from e
-        raise PipelineError(
+        raise PipelineAbsentError(
             f"pipeline {source!r} is not in the local Hugging Face cache: fetch it with `hf download {source}`, "
             "point `pipeline:` at a local directory, or set `download: true` "
             f"in the model's options ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
