@@ -2,7 +2,8 @@
 
 Each clip is one digit (its label is the class) placed at a random integer position and moved by
 a constant integer velocity ``(vx, vy)`` pixels per frame, each component in {-2, -1, 1, 2}: every
-clip moves on both axes. The digit bounces off the canvas edges (its position is reflected, its
+clip moves on both axes (a sprite that starts against a wall moves away from it, so the velocity
+is always the one the clip shows). The digit bounces off the canvas edges (its position is reflected, its
 velocity component flips), so the motion of every frame is known exactly. Clips are
 (F, C, H, W) = (8, 1, 16, 16) in [-1, 1] (background -1), as the image teachers' digits.
 
@@ -123,6 +124,9 @@ def sample_clips(n: int, split: str, g: torch.Generator) -> MovingDigits:
     start = torch.randint(0, MAX_POS + 1, (n, 2), generator=g)
     speeds = torch.tensor(SPEEDS)
     velocity = speeds[torch.randint(0, len(SPEEDS), (n, 2), generator=g)]
+    # a sprite starting against a wall moves away from it: +v and -v would draw the same clip, and
+    # the velocity a clip is labelled with must be the one it shows
+    velocity = torch.where(start == 0, velocity.abs(), torch.where(start == MAX_POS, -velocity.abs(), velocity))
     positions = trajectory(start, velocity)
     return MovingDigits(render(images[idx], positions), labels[idx], velocity, positions)
 
