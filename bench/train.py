@@ -33,7 +33,7 @@ CONFIGS: dict[str, TrainConfig] = {
     "digits-dit": TrainConfig(steps=3000),
     "digits-features": TrainConfig(steps=1500, lr=1e-3, ema_decay=0.0),
     # the video teacher sees fresh moving-digits clips (train digits) every step, drawn from the loop's generator
-    "moving-digits-dit": TrainConfig(steps=3200, batch_size=32, warmup=200, ckpt_every=100),
+    "moving-digits-dit": TrainConfig(steps=2600, batch_size=32, warmup=200, ckpt_every=100),
     "moving-digits-features": TrainConfig(steps=4000, lr=2e-3, ema_decay=0.0),
 }
 NETS = {

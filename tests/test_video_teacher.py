@@ -17,6 +17,7 @@ from bench.data import digits
 from bench.io import WeightsError, save_weights
 from bench.metrics.video import (
     centroids,
+    clip_jerk,
     clip_speed,
     displacements,
     fvd_from_features,
@@ -107,6 +108,8 @@ def test_centroid_displacement_recovers_the_true_motion_of_real_clips():
     true = (d.positions[:, 1:] - d.positions[:, :-1]).float()
     assert torch.allclose(displacements(d.clips), true, atol=1e-4)
     assert np.allclose(clip_speed(d.clips), true.abs().mean((1, 2)).numpy(), atol=1e-4)
+    jerk = (true[:, 1:] - true[:, :-1]).abs().mean((1, 2)).numpy()
+    assert np.allclose(clip_jerk(d.clips), jerk, atol=1e-4) and (jerk > 0).any() and (jerk == 0).any()
 
 
 def test_motion_estimator_on_a_static_clip_and_bad_shapes():
@@ -296,6 +299,7 @@ GUIDANCE = 2.0
 SPEED_REL = 0.2  # |mean speed generated / real - 1| at most this
 SPEED_W1 = 0.25  # Wasserstein-1 between per-clip speed distributions, pixels per frame
 STATIC_MAX = 0.05  # at most this fraction of generated clips (nearly) still, < 0.25 px/frame
+JERK_REL = 1.5  # mean jerk of generated clips at most this times the real clips' (bounces only)
 FVD_BOUND = 3.0  # FVD(generated, held-out) at most this times FVD(train clips, held-out)
 
 
@@ -319,27 +323,42 @@ def test_teacher_clips_move_like_the_data(teacher_clips):
     gen_s, real_s, other_s = clip_speed(x), clip_speed(real), clip_speed(other)
     w1, w1_real = wasserstein_1d(gen_s, real_s), wasserstein_1d(other_s, real_s)
     stats = motion_stats(x)
+    gen_j, real_j = clip_jerk(x).mean(), clip_jerk(real).mean()
     print(
         f"speed generated {gen_s.mean():.3f} vs real {real_s.mean():.3f} px/frame; W1 {w1:.3f} "
-        f"(real-vs-real {w1_real:.3f}); static fraction {stats['static_fraction']:.3f}"
+        f"(real-vs-real {w1_real:.3f}); static fraction {stats['static_fraction']:.3f}; "
+        f"jerk generated {gen_j:.3f} vs real {real_j:.3f} px/frame^2"
     )
     assert abs(gen_s.mean() / real_s.mean() - 1) <= SPEED_REL
     assert w1 <= SPEED_W1
     assert stats["static_fraction"] <= STATIC_MAX
+    assert gen_j <= JERK_REL * real_j
 
 
 @needs_weights
 @pytest.mark.slow
 def test_teacher_fvd_within_bound_of_real_vs_real(teacher_clips):
+    """FVD-style distance of N_CLIPS generated clips to 1000 held-out clips, against that of N_CLIPS
+    real clips of the training digits (the same sample size, so the same estimation bias); the bound
+    is checked to separate real clips from clips whose motion is broken (frames shuffled, or frozen)."""
     x, labels = teacher_clips
     net = moving_digits_classifier()
-    real = moving_digits("heldout", N_CLIPS, seed=1).clips
-    other = moving_digits("train", N_CLIPS, seed=2).clips
-    f_real = video_features(real, net)
-    fvd = fvd_from_features(video_features(x, net), f_real)
-    fvd_rr = fvd_from_features(video_features(other, net), f_real)
+    ref = video_features(moving_digits("heldout", 1000, seed=1).clips, net)
+    real = moving_digits("train", N_CLIPS, seed=2).clips
+    g = torch.Generator().manual_seed(0)
+    shuffled = torch.stack([c[torch.randperm(FRAMES, generator=g)] for c in real])
+    frozen = real[:, :1].repeat(1, FRAMES, 1, 1, 1)
+
+    def fvd(clips: torch.Tensor) -> float:
+        return fvd_from_features(video_features(clips, net), ref)
+
+    fvd_gen, fvd_rr, fvd_shuffled, fvd_frozen = fvd(x), fvd(real), fvd(shuffled), fvd(frozen)
     with torch.no_grad():
         class_acc = float((net(x)[0].argmax(1) == labels).float().mean())
-    print(f"FVD-digits euler-50 (guidance {GUIDANCE}) {fvd:.2f}, real-vs-real {fvd_rr:.2f}, class_acc {class_acc:.3f}")
-    assert fvd <= FVD_BOUND * fvd_rr
+    print(
+        f"FVD-digits euler-50 (guidance {GUIDANCE}, {N_CLIPS} clips) {fvd_gen:.1f}; real-vs-real {fvd_rr:.1f}; "
+        f"frames shuffled {fvd_shuffled:.1f}; frozen {fvd_frozen:.1f}; class_acc {class_acc:.3f}"
+    )
+    assert min(fvd_shuffled, fvd_frozen) > FVD_BOUND * fvd_rr  # the bound rejects broken motion
+    assert fvd_gen <= FVD_BOUND * fvd_rr
     assert class_acc >= 0.8

@@ -25,6 +25,7 @@ __all__ = [
     "centroids",
     "displacements",
     "clip_speed",
+    "clip_jerk",
     "wasserstein_1d",
     "motion_stats",
     "video_features",
@@ -67,6 +68,16 @@ def displacements(clips: torch.Tensor) -> torch.Tensor:
 def clip_speed(clips: torch.Tensor) -> np.ndarray:
     """Each clip's speed (N,): the mean absolute per-axis centroid displacement, pixels per frame."""
     return displacements(clips).abs().mean((1, 2)).double().numpy()
+
+
+def clip_jerk(clips: torch.Tensor) -> np.ndarray:
+    """Each clip's jerk (N,): the mean absolute change of the centroid displacement between
+    consecutive frame pairs, pixels per frame squared. Zero for constant motion; on moving digits
+    only a bounce changes it, so jittery or incoherent motion shows as a larger jerk."""
+    d = displacements(clips)
+    if d.shape[1] < 2:
+        raise ValueError("jerk needs at least 3 frames per clip")
+    return (d[:, 1:] - d[:, :-1]).abs().mean((1, 2)).double().numpy()
 
 
 def wasserstein_1d(a: np.ndarray, b: np.ndarray) -> float:
