@@ -20,7 +20,15 @@ from bench.paths import REPO
 from bench.prompts import PromptSetError, load_prompt_set
 from bench.suite import SuiteError, load_suite
 
-PARTI = REPO.parent / "shared" / "data" / "PartiPrompts.tsv"
+# the project's copy: beside the checkout (../shared), or where this machine keeps it (a clean clone elsewhere)
+PARTI = next(
+    (
+        p
+        for p in (REPO.parent / "shared" / "data" / "PartiPrompts.tsv", Path("/work/shared/data/PartiPrompts.tsv"))
+        if p.is_file()
+    ),
+    REPO.parent / "shared" / "data" / "PartiPrompts.tsv",
+)
 needs_parti = pytest.mark.skipif(not PARTI.is_file(), reason=f"PartiPrompts copy not at {PARTI}")
 
 
