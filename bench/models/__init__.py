@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,7 +11,7 @@ from pydantic import Field
 from bench.bundle import Capabilities, ModelBundle
 from bench.data import IMAGE_SIZE, NUM_CLASSES
 from bench.denoiser import Denoiser, FlowSchedule, VPSchedule
-from bench.io import load_weights
+from bench.models.committed import DigitsOptions, WeightsOptions, _file_hash, _train_fix, load_net  # noqa: F401  (re-exported)
 from bench.models.digits_nets import NULL_CLASS, DigitsClassifier, DigitsDiT, DigitsUNet
 from bench.models.gmm import GaussianMixture, GMMNet, gmm_schedule
 from bench.models.options import (
@@ -25,33 +23,12 @@ from bench.models.options import (
     ModelOptions,
     deploy_network,
 )
-from bench.paths import ASSETS
 from bench.registry import MODELS
 
 
 class GMMOptions(ModelOptions):
     dim: int = Field(2, ge=2, le=4096, description="int, 2 to 4096 (default 2)")
     prediction: Literal["eps", "flow"] = Field("eps", description="'eps' (VP) or 'flow' (default 'eps')")
-
-
-class WeightsOptions(ModelOptions):
-    weights: str = Field(
-        None, min_length=1, max_length=4096, description="path to a safetensors file (default: the committed one)"
-    )  # type: ignore[assignment]
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def _train_fix(name: str) -> str:
-    return f"restore it with `git checkout -- bench/assets/{name}.safetensors` or retrain with `bench train {name}`"
-
-
-def load_net(name: str, net: torch.nn.Module, weights: str | Path | None = None) -> tuple[torch.nn.Module, str]:
-    path = Path(weights) if weights else ASSETS / f"{name}.safetensors"
-    load_weights(net, path, _train_fix(name))
-    return net.eval().requires_grad_(False), _file_hash(path)
 
 
 @MODELS.register(
@@ -81,10 +58,6 @@ def gmm(dim: int = 2, prediction: str = "eps") -> ModelBundle:
         arch="analytic",
         extra={"mixture": mix},
     )
-
-
-class DigitsOptions(WeightsOptions, DeployOptions):
-    """A digits teacher's options: its weights file and the deployment options."""
 
 
 @MODELS.register(

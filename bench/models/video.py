@@ -16,7 +16,7 @@ from torch import nn
 
 from bench.bundle import Capabilities, ModelBundle
 from bench.denoiser import Denoiser, FlowSchedule
-from bench.models import DigitsOptions, WeightsOptions, load_net  # defined before bench.models imports this module
+from bench.models.committed import DigitsOptions, WeightsOptions, load_net
 from bench.registry import MODELS
 from bench.video_data import CANVAS, FRAMES, NUM_CLASSES, VIDEO_SHAPE
 
