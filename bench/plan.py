@@ -118,6 +118,35 @@ def _split_absent(jobs: list[Job], models: ModelCache) -> tuple[list[Job], list[
     return present, missing, absent
 
 
+def _job_row(
+    job: Job,
+    job_id: str | None,
+    nfe: float,
+    source: str,
+    est_s: float | None,
+    cached: bool,
+    artifacts: list[str],
+    planned_as: str,
+) -> dict[str, Any]:
+    """One job's line of the plan (its network calls and rows are added by the caller)."""
+    return {
+        "job_id": job_id,
+        "model": job.model.label,
+        "method": job.method,
+        "training": METHODS.get(job.method).training,
+        "knobs": json.dumps(dict(job.knobs), sort_keys=True),
+        "steps": job.steps,
+        "guidance": job.guidance,
+        "n_samples": job.n_samples,
+        "nfe": nfe,
+        "nfe_source": source,
+        "est_s": est_s,
+        "cached": cached,
+        "artifacts": artifacts,
+        "planned_as": planned_as,
+    }
+
+
 def plan_suite(
     suite: Suite,
     store_dir: Path | None = None,
@@ -146,7 +175,6 @@ def plan_suite(
         bundle = models.get(job)
         if dev != "cpu":
             bundle.denoiser.net.to(dev)
-        cls = METHODS.get(job.method)
         cfg = _cfg_rows(job, bundle)
         bs = min(job.batch_size, job.n_samples)
         batches = math.ceil(job.n_samples / job.batch_size) + suite.warmup
@@ -168,46 +196,16 @@ def plan_suite(
             est_s = nfe * (batches - suite.warmup + warm) * call_s[key]
         cached = bool(store and (hit := store.get(p.store_key)) is not None and hit.row.get("status") == "ok")
         rows.append(
-            {
-                "job_id": p.job_id,
-                "model": job.model.label,
-                "method": job.method,
-                "training": cls.training,
-                "knobs": json.dumps(dict(job.knobs), sort_keys=True),
-                "steps": job.steps,
-                "guidance": job.guidance,
-                "n_samples": job.n_samples,
-                "nfe": nfe,
-                "nfe_source": source,
+            _job_row(job, p.job_id, nfe, source, est_s, cached, p.artifact_keys, "reference" if p.for_baseline else "grid")
+            | {
                 "network_calls": round(nfe * batches),
                 "network_rows": round(nfe * cfg * (job.n_samples + suite.warmup * min(suite.warmup_batch or bs, bs))),
-                "est_s": est_s,
-                "cached": cached,
-                "artifacts": p.artifact_keys,
-                "planned_as": "reference" if p.for_baseline else "grid",
             }
         )
     for job in offline:  # not buildable here: as expanded, no id, no probe (see the module docstring)
-        cls = METHODS.get(job.method)
+        why = "steps (not probed: the model is not on this machine)"
         rows.append(
-            {
-                "job_id": None,
-                "model": job.model.label,
-                "method": job.method,
-                "training": cls.training,
-                "knobs": json.dumps(dict(job.knobs), sort_keys=True),
-                "steps": job.steps,
-                "guidance": job.guidance,
-                "n_samples": job.n_samples,
-                "nfe": float(job.steps),
-                "nfe_source": "steps (not probed: the model is not on this machine)",
-                "network_calls": None,
-                "network_rows": 0,
-                "est_s": None,
-                "cached": False,
-                "artifacts": [],
-                "planned_as": "grid",
-            }
+            _job_row(job, None, float(job.steps), why, None, False, [], "grid") | {"network_calls": None, "network_rows": 0}
         )
     artifacts = []
     for spec in plan_order([s for p in planned for s in p.artifacts]):
