@@ -171,4 +171,5 @@ def build_model(name: str, **options: Any) -> ModelBundle:
 from bench.models import (  # noqa: E402, F401  (registration)
     pipelines,  # the real tier's `diffusers` model
     video,  # the embedded video teacher `moving-digits-dit` and its feature network
+    video_pipelines,  # the `diffusers` model's video pipelines (Wan, LTX-Video, CogVideoX)
 )

@@ -74,6 +74,10 @@ FAMILIES = {
     "Transformer2DModel": "dit",  # DiT: class-conditional (adaptive norm over ImageNet labels)
     "DiTTransformer2DModel": "dit",  # what diffusers loads a saved DiT transformer as
 }
+# The video pipelines' backend (bench.models.video_pipelines, imported by bench.models, fills it in:
+# is_video(pipeline class name), bundle(pipe, ...), capabilities(kind)); a hook, so the two modules
+# import in one direction only.
+VIDEO_BACKEND: dict[str, Callable[..., Any]] = {}
 
 
 class PipelineError(ValueError):
@@ -282,6 +286,8 @@ def pipeline_capabilities(source: str) -> Capabilities | None:
     if not kind:
         return None
     index = _model_index(source)
+    if VIDEO_BACKEND and VIDEO_BACKEND["is_video"](str(index.get("_class_name", ""))):  # Wan, LTX-Video, CogVideoX
+        return VIDEO_BACKEND["capabilities"](kind)
     cls = next((v[1] for k, v in index.items() if k in ("unet", "transformer") and isinstance(v, list) and len(v) == 2), "")
     arch = "unet" if "UNet" in str(cls) else "dit"
     guidance = "cfg"
@@ -418,6 +424,8 @@ class PipelineOptions(DeployOptions):  # dtype, compile, channels_last: applied 
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$", description="cpu | cuda[:N] | auto (default auto)")
     download: bool = Field(False, description="bool, allow a download from the hub (default false)")
+    num_frames: int = Field(None, ge=1, le=10_000, description="video pipelines: frames in pixels (default the pipeline's; 1 + a multiple of the VAE's temporal compression)")  # type: ignore[assignment]  # fmt: skip
+    frame_rate: int = Field(None, ge=1, le=1000, description="LTX-Video: the frame rate its RoPE is scaled by (default the pipeline's, 25)")  # type: ignore[assignment]  # fmt: skip
 
     @model_validator(mode="after")
     def _prompts(self) -> PipelineOptions:
@@ -435,7 +443,8 @@ class PipelineOptions(DeployOptions):  # dtype, compile, channels_last: applied 
     "diffusers",
     kind="eps|v|flow",
     data="image",
-    description="a diffusers pipeline (SD 1.x/2.x, SDXL, SD3, FLUX.1, PixArt-alpha/sigma, SANA, DiT) by hub id or local path",
+    description="a diffusers pipeline (SD 1.x/2.x, SDXL, SD3, FLUX.1, PixArt-alpha/sigma, SANA, DiT; video: Wan, LTX-Video, "
+    "CogVideoX) by hub id or local path",
     options=PipelineOptions,
 )
 def diffusers_pipeline(
@@ -453,6 +462,8 @@ def diffusers_pipeline(
     dtype: str = "float32",
     device: str = "auto",
     download: bool = False,
+    num_frames: int | None = None,
+    frame_rate: int | None = None,
 ) -> ModelBundle:
     if dtype not in DTYPES:
         raise PipelineError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -472,6 +483,22 @@ def diffusers_pipeline(
         )
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     pipe = load_pipeline(pipeline, DTYPES[dtype], bool(download))
+    if VIDEO_BACKEND and VIDEO_BACKEND["is_video"](type(pipe).__name__):  # Wan, LTX-Video, CogVideoX: clips of latents
+        if (
+            class_labels is not None
+            or prompts is None
+            or any(v is not None for v in (original_size, crops_coords_top_left, target_size))
+        ):
+            raise PipelineError(
+                f"{type(pipe).__name__} is a text-to-video pipeline: it takes `prompts:` (or `prompts_file:`), "
+                "and neither class_labels nor SDXL's size conditioning"
+            )
+        return VIDEO_BACKEND["bundle"](
+            pipe, prompts=list(prompts), negative_prompt=negative_prompt, height=height, width=width,
+            num_frames=num_frames, frame_rate=frame_rate, shift=shift, device=dev,
+        )  # fmt: skip
+    if num_frames is not None or frame_rate is not None:
+        raise PipelineError(f"num_frames and frame_rate apply to video pipelines; {type(pipe).__name__} makes images")
     family = _family(pipe)
     if family == "dit" and prompts is not None:
         raise PipelineError(
