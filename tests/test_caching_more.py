@@ -182,7 +182,7 @@ def test_dbcache_fn1_bn0_equals_first_block_cache(bundle, threshold):
 def test_pab_finds_every_flux_attention_as_spatial(tiny_flux):
     from methods.caching.pab import attention_layers
 
-    layers = attention_layers(tiny_flux, PAB().pab_config())
+    layers = attention_layers(tiny_flux, PAB().pab_config(tiny_flux))
     assert sorted(layers) == [f"single_transformer_blocks.{i}.attn" for i in range(2)] + [
         f"transformer_blocks.{i}.attn" for i in range(2)
     ]

@@ -155,9 +155,9 @@ def test_registered_video_teacher(random_teacher):
     assert MODELS.entry("moving-digits-dit").meta["capabilities"] == caps
     assert b.denoiser.null_class == NULL_CLASS
     # separate spatial (self + cross) and temporal attention blocks: what PAB's ranges refer to
-    tr = b.denoiser.net.transformer
-    assert len(tr.transformer_blocks) == len(tr.temporal_transformer_blocks) == 3
-    assert tr.transformer_blocks[0].attn2 is not None and tr.temporal_transformer_blocks[0].attn2 is None
+    blocks = b.denoiser.net.transformer.transformer_blocks
+    assert len(blocks) == 3
+    assert blocks[0].spatial.attn2 is not None and blocks[0].temporal.attn2 is None
 
 
 def test_teacher_net_is_per_sample_and_class_conditioned(random_teacher):

@@ -118,6 +118,16 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor, dims: int = 1) -> torch.Tensor:
     return (a - b).abs().flatten(1).mean(1) / b.abs().flatten(1).mean(1)
 
 
+def per_sample(hidden: torch.Tensor, batch: int) -> torch.Tensor:
+    """Block hidden states as one row per sample of a ``batch``-row model call: a video DiT's blocks
+    see each frame of a clip as a row (B*F, N, D), the frames of one sample being consecutive."""
+    if hidden.shape[0] == batch:
+        return hidden
+    if hidden.shape[0] % batch:
+        raise ValueError(f"block rows {hidden.shape[0]} are not a multiple of the model call's batch {batch}")
+    return hidden.reshape(batch, -1)
+
+
 def magnitude_ratio(cur: torch.Tensor, prev: torch.Tensor) -> float:
     """MagCache's ratio: mean over rows and tokens of ||cur|| / ||prev|| (norms over the feature axis)."""
     return float((cur.float().norm(dim=-1) / (prev.float().norm(dim=-1) + 1e-8)).mean())
@@ -150,7 +160,7 @@ class Recorder:
             raise RuntimeError("calibration: the model returned without running its last transformer block")
         self.mag_ratios.append(1.0 if self._prev_res is None else magnitude_ratio(self._res, self._prev_res))
         if self._prev_out is not None and self._mod is not None:
-            self.tea_x.append(rel_l1(self._mod, self._prev_mod).tolist())
+            self.tea_x.append(rel_l1(per_sample(self._mod, len(out)), per_sample(self._prev_mod, len(out))).tolist())
             self.tea_y.append(rel_l1(out, self._prev_out).tolist())
         self._prev_mod, self._prev_out, self._prev_res = self._mod, out, self._res
         self._mod = self._head_in = self._res = None

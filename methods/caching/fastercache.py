@@ -203,7 +203,7 @@ class CFGCacheDenoiser(Denoiser):
 class FasterCache(CacheAdapter):
     name = "fastercache"
     paper = "Lv et al. 2024, FasterCache: Training-Free Video Diffusion Model Acceleration with High Quality, arXiv 2410.19355"
-    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
+    applies_to = Applies(arch=("dit", "video-dit"))  # diffusers transformers and video DiTs (their blocks are what it caches)
     description = (
         "extrapolate attention outputs between full calls; CFG-Cache: conditional half only, uncond from the cached difference"
     )

@@ -21,7 +21,7 @@ from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, block_l
 class FirstBlockCache(CacheAdapter):
     name = "first_block_cache"
     paper = "ParaAttention First Block Cache (chengzeyi), as diffusers hooks/first_block_cache.py"
-    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
+    applies_to = Applies(arch=("dit", "video-dit"))  # diffusers transformers and video DiTs (their blocks are what it caches)
     description = "compute the first block; if its residual changed less than threshold, reuse the cached rest"
     knobs = (
         SOLVER_KNOB,

@@ -30,12 +30,20 @@ REUSE_HOOK = "fora_reuse"
 SUBLAYERS = ("attn", "attn1", "attn2", "ff", "ff_context", "proj_mlp")
 
 
+def _own_sublayers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, c) for n, c in module.named_children() if n in SUBLAYERS]
+
+
 def sublayers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every block's attention and MLP sub-layers, by name. A block made of sub-blocks (a video DiT
+    layer holding a spatial and a temporal transformer block) gives its sub-blocks' sub-layers."""
     out = {}
     for bname, block in block_lists(model):
-        for cname, child in block.named_children():
-            if cname in SUBLAYERS:
-                out[f"{bname}.{cname}"] = child
+        own = _own_sublayers(block)
+        if not own:
+            own = [(f"{sname}.{n}", c) for sname, sub in block.named_children() for n, c in _own_sublayers(sub)]
+        for cname, child in own:
+            out[f"{bname}.{cname}"] = child
     return out
 
 

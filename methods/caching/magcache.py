@@ -33,7 +33,7 @@ from methods.caching.calibrated import CALIB_KNOBS, CalibratedCache, Recorder, b
 class MagCache(CalibratedCache):
     name = "magcache"
     paper = "Ma et al. 2025, MagCache: Fast Video Generation with Magnitude-Aware Cache, arXiv 2506.09045"
-    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
+    applies_to = Applies(arch=("dit", "video-dit"))  # diffusers transformers and video DiTs (their blocks are what it caches)
     description = "skip the blocks while the error predicted from calibrated residual magnitude ratios stays under threshold"
     knobs = (
         SOLVER_KNOB,

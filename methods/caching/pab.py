@@ -69,6 +69,17 @@ def install_timestep_hook(model: nn.Module) -> TimestepHook:
     return hook
 
 
+def identifiers(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The model's own patterns for its spatial / temporal / cross attention layer names, where it
+    declares them (``attention_identifiers``: bench's video DiT, whose temporal layers' names would
+    match diffusers' default spatial patterns); otherwise diffusers' defaults (empty dict)."""
+    declared = getattr(model, "attention_identifiers", None) or {}
+    bad = set(declared) - {"spatial", "temporal", "cross"}
+    if bad:
+        raise ValueError(f"{type(model).__name__}.attention_identifiers has unknown kinds {sorted(bad)}")
+    return {k: tuple(v) for k, v in declared.items()}
+
+
 def _matches(name: str, identifiers: tuple[str, ...]) -> bool:
     return any(re.search(i, name) is not None for i in identifiers)
 
@@ -102,7 +113,7 @@ def attention_layers(model: nn.Module, config: PyramidAttentionBroadcastConfig) 
 class PAB(CacheAdapter):
     name = "pab"
     paper = "Zhao et al. 2024, Real-Time Video Generation with Pyramid Attention Broadcast, arXiv 2408.12588"
-    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
+    applies_to = Applies(arch=("dit", "video-dit"))  # diffusers transformers and video DiTs (their blocks are what it caches)
     description = "inside a timestep window, reuse each attention output for N calls (spatial < temporal < cross)"
     knobs = (
         SOLVER_KNOB,
@@ -115,10 +126,12 @@ class PAB(CacheAdapter):
         Knob("t_high", float, 800.0, "window upper bound, exclusive (scheduler timestep, 0..1000)", low=-1.0, high=1001.0),
     )
 
-    def pab_config(self, clock: Any = None) -> PyramidAttentionBroadcastConfig:
+    def pab_config(self, model: nn.Module, clock: Any = None) -> PyramidAttentionBroadcastConfig:
         c = self.config
         window = (c["t_low"], c["t_high"])
+        names = identifiers(model)
         return PyramidAttentionBroadcastConfig(
+            **{f"{kind}_attention_block_identifiers": names[kind] for kind in names},
             spatial_attention_block_skip_range=c["spatial"],
             temporal_attention_block_skip_range=c["temporal"],
             cross_attention_block_skip_range=c["cross"],
@@ -129,16 +142,16 @@ class PAB(CacheAdapter):
         )
 
     def apply(self, model: nn.Module, steps: int) -> CacheHandle:
-        layers = attention_layers(model, self.pab_config())
+        layers = attention_layers(model, self.pab_config(model))
         clock = install_timestep_hook(model)
-        apply_pyramid_attention_broadcast(model, self.pab_config(clock))
+        apply_pyramid_attention_broadcast(model, self.pab_config(model, clock))
         hooked = {n for n, m in model.named_modules() if _hooked(m)}
         if hooked != set(layers):
             raise RuntimeError(f"PAB hooked {sorted(hooked)}, expected {sorted(layers)}: diffusers' PAB layer matching changed")
         return CacheHandle(model, [TIMESTEP_HOOK, _PYRAMID_ATTENTION_BROADCAST_HOOK])
 
     def units(self, model: nn.Module) -> dict[str, nn.Module]:
-        return {n: m for n, (_, m) in attention_layers(model, self.pab_config()).items()}
+        return {n: m for n, (_, m) in attention_layers(model, self.pab_config(model)).items()}
 
 
 def _hooked(m: nn.Module) -> bool:

@@ -27,7 +27,7 @@ from methods.caching.fora import sublayers
 class TaylorSeer(CacheAdapter):
     name = "taylorseer"
     paper = "Liu et al. 2025, From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers, arXiv 2503.06923"
-    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
+    applies_to = Applies(arch=("dit", "video-dit"))  # diffusers transformers and video DiTs (their blocks are what it caches)
     description = "full pass every N calls stores features and finite differences to order m; between, Taylor forecast"
     knobs = (
         SOLVER_KNOB,

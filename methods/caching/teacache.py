@@ -142,7 +142,7 @@ class TeaBlockHook(_TeaHook):
 class TeaCache(CalibratedCache):
     name = "teacache"
     paper = "Liu et al. 2024, Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model, arXiv 2411.19108"
-    applies_to = Applies(arch=("dit",))  # diffusers transformers (their blocks are what it caches)
+    applies_to = Applies(arch=("dit", "video-dit"))  # diffusers transformers and video DiTs (their blocks are what it caches)
     description = "accumulate the rescaled change of the modulated input; reuse the block-stack residual while under threshold"
     knobs = (
         SOLVER_KNOB,
