@@ -269,3 +269,20 @@ def test_a_saved_video_pipeline_reports_its_capabilities_before_loading(wan_dir,
     for path, kind in ((wan_dir, "flow"), (ltx_dir, "flow"), (cog_dir, "v")):
         caps = model_capabilities("diffusers", {"pipeline": str(path)})
         assert (caps.arch, caps.data, caps.prediction, caps.conditioning) == ("video-dit", "video", kind, "text")
+
+
+@pytest.mark.parametrize("name", ["wan", "ltx", "cogvideox"])
+def test_the_example_gpu_suites_validate_here(name, tmp_path, monkeypatch):
+    """suites/{wan,ltx,cogvideox}.yaml name hub pipelines that are not on this machine: they load,
+    expand, and plan offline with the fetch command."""
+    from bench.plan import plan_suite
+    from bench.suite import expand, load_suite
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    suite = load_suite(Path(__file__).parents[1] / "suites" / f"{name}.yaml")
+    jobs, _ = expand(suite)
+    plan = plan_suite(suite, probe=False)
+    assert len(plan["jobs"]) == len(jobs) > 0
+    (why,) = plan["absent"].values()
+    assert "hf download" in why
