@@ -175,6 +175,51 @@ def test_wan_euler_equals_the_pipelines_loop(wan_dir, guidance):
     torch.testing.assert_close(ours, theirs.transpose(1, 2), rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def wan22_dirs(wan_dir, tmp_path_factory) -> dict[str, Path]:
+    """Wan 2.2 variants of the tiny Wan: A14B's two experts (a second transformer for the network
+    timesteps below boundary_ratio x 1000) and TI2V-5B's per-token timesteps (expand_timesteps)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    d = tmp_path_factory.mktemp("tiny-wan22")
+    base = WanPipeline.from_pretrained(wan_dir)
+    torch.manual_seed(1)
+    low = WanTransformer3DModel.from_config(base.transformer.config)
+    parts = {k: v for k, v in base.components.items() if k not in ("transformer_2",)}
+    WanPipeline(**parts, transformer_2=low, boundary_ratio=0.8).save_pretrained(d / "experts")
+    WanPipeline(**parts, expand_timesteps=True).save_pretrained(d / "ti2v")
+    return {"experts": d / "experts", "ti2v": d / "ti2v"}
+
+
+@pytest.mark.parametrize("variant", ["experts", "ti2v"])
+def test_wan22_euler_equals_the_pipelines_loop(wan22_dirs, variant):
+    """Wan 2.2: with two experts, bench's network switches to transformer_2 where the pipeline does
+    (4 steps at shift 3: network times 1000, 900 on the first, 750, 500 on the second, boundary 800;
+    guidance_scale_2 the pipeline's default, the same scale); with expand_timesteps the timestep is
+    given per token. Either way bench's `euler` equals WanPipeline's loop, guided."""
+    from diffusers import WanPipeline
+
+    path = wan22_dirs[variant]
+    b = build_model("diffusers", pipeline=str(path), prompts=PROMPTS, device="cpu", **SIZE)
+    net = b.denoiser.net
+    calls: list[str] = []
+    for name in ("transformer", "transformer_2"):
+        if getattr(net, name) is not None:
+            getattr(net, name).register_forward_pre_hook(lambda m, a, n=name: calls.append(n))
+    ours, z = bench_run(b, "euler", 4, 3.0)
+    if variant == "experts":
+        assert net.boundary == pytest.approx(800.0) and calls == ["transformer"] * 2 + ["transformer_2"] * 2
+    else:
+        assert net.expand_timesteps and calls == ["transformer"] * 4
+    pipe = loaded(WanPipeline, path)
+    euler_at(pipe, 4)
+    theirs = pipe(
+        [PROMPTS[0], PROMPTS[2]], latents=z.transpose(1, 2).clone(), num_inference_steps=4, guidance_scale=3.0,
+        output_type="latent", **SIZE,
+    ).frames  # fmt: skip
+    torch.testing.assert_close(ours, theirs.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_ltx_euler_equals_the_pipelines_default_loop(ltx_dir, guidance):
     """LTX-Video: mu from the latent clip's token count (3 frames x 8 x 8 = 192),
