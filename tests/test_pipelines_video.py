@@ -76,7 +76,7 @@ def ltx_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
-        cross_attention_dim=16, num_layers=1, caption_channels=16,
+        cross_attention_dim=16, num_layers=2, caption_channels=16,
     )  # fmt: skip
     vae = AutoencoderKLLTXVideo(
         latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
@@ -104,7 +104,7 @@ def cog_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=16, num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+        text_embed_dim=16, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
     )  # fmt: skip
     vae = AutoencoderKLCogVideoX(
@@ -331,3 +331,33 @@ def test_the_example_gpu_suites_validate_here(name, tmp_path, monkeypatch):
     assert len(plan["jobs"]) == len(jobs) > 0
     (why,) = plan["absent"].values()
     assert "hf download" in why
+
+
+@pytest.mark.parametrize("which", ["wan", "ltx", "cog"])
+def test_first_block_cache_and_pab_run_on_the_video_pipelines(which, wan_dir, ltx_dir, cog_dir, tmp_path, monkeypatch):
+    """The video caches accept arch video-dit: FirstBlockCache and PAB (diffusers' hooks on the
+    pipeline's own transformer blocks and attention layers) run on each tiny video pipeline, 4 steps
+    at guidance 3 under its default solver, give finite clips, skip some of the work (PAB: some
+    attention calls broadcast), and leave the network as they found it (the plain solver after them
+    is bit-identical). FirstBlockCache needs two blocks or more (diffusers' hook: a first block and
+    the rest), hence the two-layer tiny transformers."""
+    import methods.caching  # noqa: F401  (registers the caches)
+    from bench.accounting import UnitCounter
+    from methods.caching.base import target_model
+
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    path = {"wan": wan_dir, "ltx": ltx_dir, "cog": cog_dir}[which]
+    b = build_model("diffusers", pipeline=str(path), prompts=PROMPTS, device="cpu", **SIZE)
+    plain = "ddim" if which == "cog" else "euler"  # CogVideoX starts at zero SNR: the EDM-frame euler cannot
+    ref, z = bench_run(b, plain, 4, 3.0)
+    gens = generators(0, range(2), "cpu")
+    # FirstBlockCache's default threshold skips nothing on some random-weight nets: a loose one shows the skip
+    for name, knobs in (("first_block_cache", {"threshold": 0.5}), ("pab", {})):
+        ad = METHODS.get(name)(solver=plain, **knobs)
+        assert ad.applies_to.matches(b.capabilities), name
+        with UnitCounter(ad.units(target_model(b.denoiser.net))) as uc:
+            x = ad.prepare(b, 4)(z, torch.tensor([0, 2]), 3.0, gens)
+        assert x.shape == z.shape and torch.isfinite(x).all(), name
+        assert 0 < uc.computed < uc.called, (name, uc.computed, uc.called)
+    again, _ = bench_run(b, plain, 4, 3.0)
+    assert torch.equal(again, ref)
