@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ import bench
 from bench.artifacts import ArtifactSpec, ArtifactStore, default_artifact_store, plan_order
 from bench.codeversion import code_version, module_of
 from bench.executors import EXECUTORS, Executor, ExecutorError, make_executor
-from bench.io import atomic_write, write_json
+from bench.io import atomic_write, fsync_dir, write_json
 from bench.paths import REPO, within
 from bench.registry import METHODS, METRICS, MODELS
 from bench.store import SAMPLES, JobStore, check_samples, content_key, link_or_copy, samples_digest
@@ -88,6 +89,7 @@ def run_record(suite: Suite, run_id: str, command: str) -> dict[str, Any]:
 
 
 STORE_DIRNAME = ".store"  # the content-addressed job store, under the results root unless --store
+INCOMING = "incoming"  # <store>/incoming/<session>/: the samples files workers write, until the driver stores them
 
 
 @dataclass
@@ -350,6 +352,7 @@ def run_suite(
     jobstore = JobStore(Path(store) if store else results_dir / STORE_DIRNAME)
     arts = artifact_store or default_artifact_store()
     session = f"{dt.datetime.now():%Y%m%d-%H%M%S-%f}-{os.getpid()}"  # unique even for two sessions in one second
+    incoming = jobstore.root / INCOMING / session  # where workers write samples (the store's file system: moves are renames)
     key_device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     key_threads = threads or (1 if kind == "ray" else torch.get_num_threads())
     ex: Executor = make_executor(kind, device, workers, threads, address)  # checks the settings; starts nothing
@@ -462,7 +465,7 @@ def run_suite(
                                     artifact_store=str(arts.root))  # fmt: skip
                     if task is None and (p := sw.next_job()) is not None:
                         task = Task(p.job_id, p.job, p.weights_hash, baseline=_baseline_samples(out, p), artifact_store=str(arts.root),
-                                    baseline_is_self=p.baseline_id == p.job_id)  # fmt: skip
+                                    baseline_is_self=p.baseline_id == p.job_id, samples_dir=str(incoming))  # fmt: skip
                     if task is None:
                         break
                     if task.kind == "build":
@@ -511,14 +514,23 @@ def run_suite(
                     else:
                         p = next(q for q in planned if q.job_id == task.job_id)
                         jdir = out / "jobs" / p.job_id
+                        stored_samples: Path | None = None
+                        if o.ok and o.samples_path is not None:  # the worker's file, moved into the store entry
+                            try:
+                                stored_samples = _adopt_samples(Path(o.samples_path), jobstore, p.store_key, p.job_id, o.row)
+                            except ExecutorError as e:
+                                o = Outcome(task, error=str(e), worker=o.worker, wall_s=o.wall_s)
                         if o.ok:
                             row = o.row | where | run_cols | {"job_id": p.job_id, "reused": False, "reused_from": ""}
                             row |= {"store_key": p.store_key, "planned_as": _planned_as(p)}
-                            if o.samples is not None:
-                                row["samples_sha256"] = samples_digest(o.samples)
-                            stored = jobstore.put(p.store_key, row, o.samples)
-                            if stored.samples is not None:
-                                link_or_copy(stored.samples, jdir / "samples.npy")
+                            if o.samples_path is not None:
+                                jobstore.put(p.store_key, row, None)  # the row, after the samples it names
+                            else:
+                                if o.samples is not None:
+                                    row["samples_sha256"] = samples_digest(o.samples)
+                                stored_samples = jobstore.put(p.store_key, row, o.samples).samples
+                            if stored_samples is not None:
+                                link_or_copy(stored_samples, jdir / "samples.npy")
                             write_json(jdir / "row.json", row)
                             computed += 1
                             sw.job_state[p.job_id] = "ok"
@@ -537,6 +549,7 @@ def run_suite(
     finally:
         bar.close()
         ex.close()
+        shutil.rmtree(incoming, ignore_errors=True)  # samples of attempts whose outcome never came (lost workers)
     if builds_only:
         failed_builds = {k: v for k, v in sw.artifacts_log.items() if v.get("status") == "failed"}
         _BUILD_RESULT.clear()
@@ -601,12 +614,35 @@ def _write_failed(out: Path, p: PlannedJob, run_cols: dict[str, Any], where: dic
     write_json(out / "jobs" / p.job_id / "row.json", row)
 
 
-def _baseline_samples(out: Path, p: PlannedJob) -> np.ndarray | None:
-    """The finished samples of ``p``'s same-seed reference job (from this run's directory)."""
+def _baseline_samples(out: Path, p: PlannedJob) -> str | None:
+    """The file of the finished samples of ``p``'s same-seed reference job (in this run's
+    directory), which the worker reads."""
     if not p.baseline_id or p.baseline_id == p.job_id:
         return None
     path = out / "jobs" / p.baseline_id / "samples.npy"
-    return np.load(path) if path.is_file() else None
+    return str(path.resolve()) if path.is_file() else None
+
+
+def _adopt_samples(src: Path, jobstore: JobStore, key: str, job_id: str, row: dict[str, Any]) -> Path:
+    """Move the samples file a worker wrote into the store entry ``key``, after checking that it is
+    the file the worker's row describes (its digest); returns its place in the store."""
+    if not src.is_file():
+        raise ExecutorError(
+            f"the worker wrote the samples of job {job_id} to {src}, which this driver cannot see; put the job "
+            "store (--store) on a file system that every worker node shares"
+        )
+    why = check_samples(src, row)
+    if why is not None:
+        raise ExecutorError(f"the samples file {src} the worker wrote {why}; run the job again (--resume)")
+    dest = jobstore.path(key) / SAMPLES
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dest)  # the same file system (the store's incoming/): an atomic rename
+    except OSError:
+        shutil.move(str(src), str(dest.with_name(f".{dest.name}.moving")))
+        os.replace(dest.with_name(f".{dest.name}.moving"), dest)
+    fsync_dir(dest.parent)
+    return dest
 
 
 def _append_jsonl(path: Path, obj: dict[str, Any]) -> None:

@@ -4,9 +4,12 @@
 are loaded from the artifact store), samples with per-sample seeds, counts network forwards, FLOPs
 and cache units on the *prepared* denoiser's network (the student's, for a trained method), times
 the sampler calls, and scores the samples. ``run_build`` builds one artifact. ``execute`` is what
-an executor calls for a :class:`Task`; it returns the row and samples (or the build's record) to
-the driver, which is the only writer of results. Nothing here reads another job's rows: a job
-that needs the same-seed samples of the suite's reference configuration gets them in its task.
+an executor calls for a :class:`Task`; it returns the row (or the build's record) to the driver,
+which is the only writer of results. Samples travel as files, never as large in-memory returns:
+the worker writes a job's samples into the task's ``samples_dir`` (the driver's job store, on a
+file system every worker sees) and returns the path; the driver moves the file into its store
+entry. Nothing here reads another job's rows: a job that needs the same-seed samples of the
+suite's reference configuration gets the path of their file in its task.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import math
 import os
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,11 +39,13 @@ from bench.accounting import (
 )
 from bench.artifacts import ArtifactSpec, ArtifactStore, default_artifact_store, ensure, job_cost, load_all
 from bench.bundle import ModelBundle
+from bench.io import atomic_write
 from bench.latents import start_noise
 from bench.metrics.base import MetricContext
 from bench.models.options import deployment_of
 from bench.registry import METHODS, METRICS
 from bench.seeds import generators, noise
+from bench.store import load_samples, samples_digest, save_npy
 from bench.suite import Job, Suite
 
 UNIT_BATCH = 2  # samples in the blocks-computed counting pass of caching jobs
@@ -53,8 +60,10 @@ class NonFiniteSamples(RuntimeError):
 @dataclass
 class Task:
     """One attempt at a job (``kind`` "job") or at building an artifact (``kind`` "build": ``spec``,
-    on the model of ``job``, a job that needs it). ``baseline``: the same-seed samples of the
-    suite's reference configuration, for a job whose metrics compare with them."""
+    on the model of ``job``, a job that needs it). ``baseline``: the file of the same-seed samples
+    of the suite's reference configuration, for a job whose metrics compare with them.
+    ``samples_dir``: where the worker writes the job's samples (None: they come back in memory,
+    for a direct call)."""
 
     job_id: str
     job: Job
@@ -62,18 +71,21 @@ class Task:
     attempt: int = 1
     kind: str = "job"
     spec: ArtifactSpec | None = None
-    baseline: np.ndarray | None = None
+    baseline: str | None = None
     baseline_is_self: bool = False  # the job is its own reference configuration (PSNR inf)
     artifact_store: str | None = None
+    samples_dir: str | None = None
 
 
 @dataclass
 class Outcome:
-    """What came back from one attempt: a row and samples (or a build record), a task error, or a lost worker."""
+    """What came back from one attempt: a row and its samples' file (or the samples themselves, when
+    the task named no ``samples_dir``; or a build record), a task error, or a lost worker."""
 
     task: Task
     row: dict[str, Any] | None = None
     samples: np.ndarray | None = None
+    samples_path: str | None = None
     error: str = ""
     traceback: str = ""
     lost_worker: bool = False
@@ -263,10 +275,21 @@ def run_build(task: Task, bundle: ModelBundle, device: str, progress: bool = Fal
     return {"key": art.key, "built": art.built, "cost": art.cost, "chain_cost": art.chain_cost, "label": task.spec.label}
 
 
+def write_samples(samples: np.ndarray, task: Task) -> str:
+    """Write a job's samples into the task's ``samples_dir`` (atomically, under a name no other
+    attempt uses) and return the file's path."""
+    assert task.samples_dir is not None
+    path = Path(task.samples_dir) / f"{task.job_id}.{task.attempt}.{uuid.uuid4().hex[:8]}.npy"
+    atomic_write(path, lambda p: save_npy(p, samples))
+    return str(path)
+
+
 def execute(
     models: ModelCache, task: Task, suite: Suite, device: str, progress: bool = False
-) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Run one task on this worker: a job's row and samples, or a build's record (no samples)."""
+) -> tuple[dict[str, Any], np.ndarray | str | None]:
+    """Run one task on this worker: a job's row and its samples (the path of the file written into
+    ``task.samples_dir``, or the array when the task names none), or a build's record (no samples).
+    The row carries the samples' digest (``samples_sha256``), checked by the driver on the file."""
     bundle = models.get(task.job)
     if device != "cpu":
         bundle.denoiser.net.to(device)  # once per model in practice: a no-op when already there
@@ -278,16 +301,19 @@ def execute(
     with _maybe_install_fault(task, bundle):
         if task.kind == "build":
             return run_build(task, bundle, device, progress), None
+        baseline = load_samples(Path(task.baseline)) if task.baseline else None
         row, samples = run_job(
             task.job,
             bundle,
             suite,
             device,
-            baseline=task.baseline,
+            baseline=baseline,
             baseline_is_self=task.baseline_is_self,
             store=_store(task.artifact_store),
         )
-    return row, samples.numpy()
+    x = samples.numpy()
+    row["samples_sha256"] = samples_digest(x)
+    return row, (write_samples(x, task) if task.samples_dir else x)
 
 
 class _maybe_install_fault:
@@ -329,7 +355,9 @@ def worker_outcome(task: Task, fn: Any, info: dict[str, Any]) -> Outcome:
     t0 = time.perf_counter()
     try:
         row, samples = fn()
-        return Outcome(task, row=row, samples=samples, worker=info, wall_s=time.perf_counter() - t0)
+        path = samples if isinstance(samples, str) else None
+        array = None if path is not None else samples
+        return Outcome(task, row=row, samples=array, samples_path=path, worker=info, wall_s=time.perf_counter() - t0)
     except Exception as e:
         return Outcome(
             task, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(), worker=info, wall_s=time.perf_counter() - t0

@@ -63,3 +63,43 @@ def test_checker_catches_broken_images_and_console_errors(tmp_path: Path):
     assert [i["alt"] for i in check.broken_images] == ["gone"]
     assert any("boom" in e for e in check.console_errors)
     assert (tmp_path / "bad.png").read_bytes().startswith(PNG)
+
+
+def test_video_report_shows_clips_with_no_broken_media(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 15, acceptance 5: the report of a video run (clips of the committed moving-digits-dit,
+    same seeds across methods) opens with no broken image, and Chromium's own decoder reads every
+    embedded GIF with its 8 frames."""
+    from test_video_harness import VIDEO_ASSETS_PRESENT, tiny_video_run
+
+    if not VIDEO_ASSETS_PRESENT:
+        pytest.skip("bench/assets/moving-digits-*.safetensors not trained yet")
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    rep = build_report(tiny_video_run(tmp_path), out=tmp_path / "rep")
+    check = check_page(rep.index, tmp_path / "rep" / "screenshot.png")
+    assert check.ok, check.summary()
+    assert len(check.images) == len(list(rep.dir.glob("*.png"))) - 1 + len(list(rep.dir.glob("*.gif")))
+    anims = check.animations
+    assert len(anims) == 4 and all(a["frames"] == 8 and not a["error"] for a in anims), anims
+    assert all(a["alt"].startswith("animation of ") for a in anims)
+    assert sum(i["alt"].startswith("frame strip of ") for i in check.images) == 4
+
+
+def test_checker_catches_undecodable_animations(tmp_path: Path):
+    import base64
+
+    from PIL import Image
+
+    frames = [Image.new("L", (8, 8), c) for c in (0, 255)]
+    frames[0].save(tmp_path / "ok.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    good = base64.b64encode((tmp_path / "ok.gif").read_bytes()).decode()
+    torn = base64.b64encode((tmp_path / "ok.gif").read_bytes()[:20]).decode()
+    page = tmp_path / "anim.html"
+    page.write_text(
+        '<!DOCTYPE html><html><head><title>anim</title><link rel="icon" href="data:,"></head><body>'
+        f'<img src="data:image/gif;base64,{good}" alt="good"><img src="data:image/gif;base64,{torn}" alt="torn"></body></html>'
+    )
+    check = check_page(page, tmp_path / "anim.png")
+    by = {a["alt"]: a for a in check.animations}
+    assert by["good"]["frames"] == 2 and not by["good"]["error"]
+    assert by["torn"]["error"] and not check.ok
+    assert [a["alt"] for a in check.broken_animations] == ["torn"]

@@ -31,4 +31,4 @@ __all__ = [
     "register_metric",
 ]
 
-from bench.metrics import clip, digits, fidelity, inception, oracle, preference, vbench  # noqa: E402,F401  (registration)
+from bench.metrics import clip, digits, fidelity, inception, oracle, preference, vbench, video  # noqa: E402,F401  (registration)

@@ -65,19 +65,28 @@ class PageCheck:
     screenshot: Path
     size: tuple[int, int] = (0, 0)
     notes: list[str] = field(default_factory=list)
+    animations: list[dict[str, Any]] = field(default_factory=list)  # GIFs as Chromium decodes them: alt, frames, error
 
     @property
     def broken_images(self) -> list[dict[str, Any]]:
         return [i for i in self.images if not i["complete"] or i["width"] == 0]
 
     @property
+    def broken_animations(self) -> list[dict[str, Any]]:
+        return [a for a in self.animations if a["error"] or a["frames"] < 1]
+
+    @property
     def ok(self) -> bool:
-        return not self.broken_images and not self.console_errors
+        return not self.broken_images and not self.broken_animations and not self.console_errors
 
     def summary(self) -> str:
         s = f"{self.url}: {len(self.images)} images, {len(self.broken_images)} broken, {len(self.console_errors)} console errors"
+        if self.animations:
+            s += f", {len(self.animations)} animations ({len(self.broken_animations)} undecodable)"
         s += f"; screenshot {self.screenshot} ({self.size[0]}x{self.size[1]})"
-        return "\n  ".join([s] + [f"broken image: {i['alt'] or i['src']}" for i in self.broken_images] + self.console_errors)
+        bad = [f"broken image: {i['alt'] or i['src']}" for i in self.broken_images]
+        bad += [f"undecodable animation: {a['alt']}: {a['error']}" for a in self.broken_animations]
+        return "\n  ".join([s] + bad + self.console_errors)
 
 
 class _Pipe:
@@ -175,6 +184,21 @@ def _console_errors(events: list[dict[str, Any]]) -> list[str]:
 IMAGES_JS = """JSON.stringify(Array.from(document.images).map(i => ({
   src: i.currentSrc.slice(0, 80), alt: i.alt, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight})))"""
 
+# every animated image (GIF) decoded by the browser's own decoder (WebCodecs ImageDecoder): its frame count
+ANIMATIONS_JS = """(async () => JSON.stringify(await Promise.all(Array.from(document.images)
+  .filter(i => i.currentSrc.startsWith('data:image/gif') || i.currentSrc.toLowerCase().endsWith('.gif'))
+  .map(async i => {
+    try {
+      const data = await (await fetch(i.currentSrc)).arrayBuffer();
+      const dec = new ImageDecoder({data, type: 'image/gif'});
+      await dec.tracks.ready;
+      await dec.completed;
+      const frames = dec.tracks.selectedTrack.frameCount;
+      await dec.decode({frameIndex: frames - 1});
+      return {alt: i.alt, frames, error: ''};
+    } catch (e) { return {alt: i.alt, frames: 0, error: String(e)}; }
+  }))))()"""
+
 
 def _above(fd: int, low: int) -> int:
     new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
@@ -232,6 +256,13 @@ def check_page(page: Path, screenshot: Path, chromium: str | None = None, width:
                 cdp.call("Runtime.evaluate", {"expression": IMAGES_JS, "returnByValue": True}, sess)["result"]["value"]
             )
             title = cdp.call("Runtime.evaluate", {"expression": "document.title", "returnByValue": True}, sess)["result"]["value"]
+            anim = cdp.call(
+                "Runtime.evaluate",
+                {"expression": ANIMATIONS_JS, "returnByValue": True, "awaitPromise": True},
+                sess,
+                timeout=timeout,
+            )
+            animations = json.loads(anim["result"]["value"]) if anim.get("result", {}).get("type") == "string" else []
             metrics = cdp.call("Page.getLayoutMetrics", session=sess)
             h = int(min(metrics.get("cssContentSize", metrics.get("contentSize", {})).get("height", 900), 16000))
             cdp.call(
@@ -259,7 +290,7 @@ def check_page(page: Path, screenshot: Path, chromium: str | None = None, width:
                 proc.wait()
             os.close(in_w)
             os.close(out_r)
-    return PageCheck(url, title, images, errors, screenshot, (width, h))
+    return PageCheck(url, title, images, errors, screenshot, (width, h), animations=animations)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from bench.paths import REPO
 from bench.report import fmt
 from bench.report.cache_speedups import cache_speedups, cache_speedups_html, cache_speedups_markdown
 from bench.report.charts import colours, pareto_figure, speedup_figure
+from bench.report.clips import clip_figures, clips_html
 from bench.report.data import Run, RunError, config_label, higher_is_better, load_run, merge_runs, method_label
 from bench.report.deployment import deployment_note
 from bench.report.grids import grid_figures, slug
@@ -82,6 +83,8 @@ def build_report(
     for pattern in (
         "pareto_*.png",
         "grid_*.png",
+        "clip_*.png",
+        "clip_*.gif",
         "speedup_vs_training.png",
         "screenshot.png",
         "compare.md",
@@ -212,14 +215,16 @@ def build_report(
         body.append(figure(png, cap, f"Pareto frontiers of {model}"))
     sections.append(("pareto", "Pareto frontiers", "\n".join(body)))
 
-    # sample grids
+    # sample grids (images, vectors) and clips (video samples: frame strips and animations)
     grids = grid_figures(run, out)
-    if grids:
-        body = [
-            figure(p, f"{esc(m)}, guidance {g:g}: rows are methods, columns step counts; every cell starts from the same seeds.", f"samples of {m} at guidance {g:g}")
-            for m, g, p in grids
-        ]  # fmt: skip
-    else:
+    clips = clip_figures(run, out)
+    body = [
+        figure(p, f"{esc(m)}, guidance {g:g}: rows are methods, columns step counts; every cell starts from the same seeds.", f"samples of {m} at guidance {g:g}")
+        for m, g, p in grids
+    ]  # fmt: skip
+    if clips:
+        body.append(clips_html(clips))
+    if not body:
         body = ["<p>This run kept no samples (jobs/&lt;job-id&gt;/samples.npy), so there are no grids.</p>"]
     sections.append(("samples", "Samples: same seeds across methods and steps", "\n".join(body)))
 

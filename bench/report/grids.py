@@ -44,6 +44,8 @@ def grid_figure(run: Run, model: str, guidance: float, path: Path, seeds: int = 
     if all(v is None for v in cells.values()):
         return None
     some = next(v for v in cells.values() if v is not None)
+    if some.ndim == 5:  # clips (N, F, C, H, W): frame strips and animations per configuration (bench.report.clips)
+        return None
     image = some.ndim == 4
     k = min(seeds, len(some))
     if image:
