@@ -26,6 +26,16 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 WORDS = ["<pad>", "</s>", "<unk>", *sorted({w for p in PROMPTS for w in p.split()})]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These networks are tiny: one intra-op thread is faster than two on a loaded 2-core machine
+    (each op otherwise waits for the second thread to be scheduled); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _t5_tokenizer():
     from transformers import T5TokenizerFast
 
@@ -118,6 +128,53 @@ def cog_dir(tmp_path_factory) -> Path:
         timestep_spacing="trailing",
     )  # fmt: skip
     pipe = CogVideoXPipeline(tokenizer=_t5_tokenizer(), text_encoder=_t5(), vae=vae, transformer=transformer, scheduler=sched)
+    pipe.save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+@pytest.fixture(scope="module")
+def hunyuan_dir(tmp_path_factory) -> Path:
+    """HunyuanVideo (HunyuanVideoTransformer3DModel with embedded guidance, a 2-layer Llama with the
+    pipeline's prompt template, CLIP for the pooled embedding, AutoencoderKLHunyuanVideo: 8x spatial,
+    4x temporal), FlowMatch Euler at shift 7 as on the hub."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from helpers import clip_tokenizer_files
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-hunyuan")
+    clip_tokenizer_files(d / "tok")
+    clip_tok = CLIPTokenizer(str(d / "tok/vocab.json"), str(d / "tok/merges.txt"), model_max_length=77)
+    llama_tok = LlamaTokenizerFast(
+        tokenizer_object=_unigram(WORDS, unk_token="<unk>"), pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
+    )
+    torch.manual_seed(0)
+    llama = LlamaModel(
+        LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+    )  # fmt: skip
+    clip = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=77, bos_token_id=clip_tok.bos_token_id,
+                       eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id)
+    )  # fmt: skip
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=16,
+        rope_axes_dim=(4, 6, 6),
+    )  # fmt: skip
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        spatial_compression_ratio=8, temporal_compression_ratio=4,
+    )  # fmt: skip
+    pipe = HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=llama_tok, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip, tokenizer_2=clip_tok,
+    )  # fmt: skip
     pipe.save_pretrained(d / "pipe")
     return d / "pipe"
 
@@ -268,6 +325,27 @@ def test_cogvideox_ddim_equals_the_pipelines_loop(cog_dir, guidance):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("guidance", [1.0, 6.0])
+def test_hunyuan_video_euler_equals_the_pipelines_default_loop(hunyuan_dir, guidance):
+    """HunyuanVideo: guidance-distilled (the scale x 1000 is an input; one pass per step, no
+    unconditional half), static shift 7; bench's `euler` equals HunyuanVideoPipeline's default loop
+    from the same latents."""
+    from diffusers import HunyuanVideoPipeline
+
+    b = build_model("diffusers", pipeline=str(hunyuan_dir), prompts=PROMPTS, device="cpu", **SIZE)
+    assert b.sample_shape == (3, 4, 4, 4) and b.denoiser.schedule.shift == 7.0
+    assert b.capabilities.guidance == "embedded" and b.denoiser.rows_per_sample(guidance, True) == 1
+    ours, z = bench_run(b, "euler", 4, guidance)
+    pipe = loaded(HunyuanVideoPipeline, hunyuan_dir)
+    theirs = pipe(
+        [PROMPTS[0], PROMPTS[2]], latents=z.transpose(1, 2).clone(), num_inference_steps=4, guidance_scale=guidance,
+        output_type="latent", **SIZE,
+    ).frames  # fmt: skip
+    torch.testing.assert_close(ours, theirs.transpose(1, 2), rtol=1e-4, atol=1e-5)
+    clips = b.extra["decode"](ours)
+    assert clips.shape == (2, 9, 3, 32, 32) and torch.isfinite(clips).all()
+
+
 @pytest.mark.parametrize("which", ["wan", "ltx", "cog"])
 def test_decode_gives_clips_in_range(which, wan_dir, ltx_dir, cog_dir):
     """Latents (N, F, C, h, w) decode to clips (N, 1 + 4 (F - 1), 3, 32, 32) in [-1, 1]."""
@@ -308,12 +386,15 @@ def test_plan_of_an_absent_video_pipeline_works_offline(tmp_path, monkeypatch):
     assert "`hf download Wan-AI/absent-T2V`" in why
 
 
-def test_a_saved_video_pipeline_reports_its_capabilities_before_loading(wan_dir, ltx_dir, cog_dir):
+def test_a_saved_video_pipeline_reports_its_capabilities_before_loading(wan_dir, ltx_dir, cog_dir, hunyuan_dir):
     from bench.models import model_capabilities
 
-    for path, kind in ((wan_dir, "flow"), (ltx_dir, "flow"), (cog_dir, "v")):
+    for path, kind, guidance in (
+        (wan_dir, "flow", "cfg"), (ltx_dir, "flow", "cfg"), (cog_dir, "v", "cfg"), (hunyuan_dir, "flow", "embedded")
+    ):  # fmt: skip
         caps = model_capabilities("diffusers", {"pipeline": str(path)})
         assert (caps.arch, caps.data, caps.prediction, caps.conditioning) == ("video-dit", "video", kind, "text")
+        assert caps.guidance == guidance
 
 
 @pytest.mark.parametrize("name", ["wan", "ltx", "cogvideox"])

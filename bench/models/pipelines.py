@@ -287,7 +287,7 @@ def pipeline_capabilities(source: str) -> Capabilities | None:
         return None
     index = _model_index(source)
     if VIDEO_BACKEND and VIDEO_BACKEND["is_video"](str(index.get("_class_name", ""))):  # Wan, LTX-Video, CogVideoX
-        return VIDEO_BACKEND["capabilities"](kind)
+        return VIDEO_BACKEND["capabilities"](kind, str(index.get("_class_name", "")))
     cls = next((v[1] for k, v in index.items() if k in ("unet", "transformer") and isinstance(v, list) and len(v) == 2), "")
     arch = "unet" if "UNet" in str(cls) else "dit"
     guidance = "cfg"

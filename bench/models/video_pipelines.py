@@ -15,7 +15,8 @@ Samples are video latents in bench's convention, frames before channels: one sam
 the pipeline's VAE, un-normalising them as the pipeline does. Capabilities: arch ``video-dit``,
 data ``video``, text conditioning, classifier-free guidance.
 
-Supported (diffusers 0.42):
+Supported (diffusers 0.42; each checked on a tiny random-weight pipeline of its classes in
+tests/test_pipelines_video.py):
 
 - ``WanPipeline`` (Wan 2.1; Wan 2.2's two-expert A14B and its TI2V-5B per-token timesteps):
   ``WanTransformer3DModel`` on (B, C, F, H, W), UMT5 text, ``AutoencoderKLWan`` (latents_mean /
@@ -50,8 +51,16 @@ Supported (diffusers 0.42):
   latents since alpha = 0 there), so no solver reproduces it from the same latents; bench's ``ddim``
   on 'trailing' timesteps is CogVideoXDDIMScheduler's loop (CogVideoX-2B's).
 
-Not yet: HunyuanVideo (Llama text encoder with its prompt template and a guidance-embedded
-transformer), Wan's image-to-video and VACE pipelines, CogVideoX's ``use_dynamic_cfg``.
+- ``HunyuanVideoPipeline``: ``HunyuanVideoTransformer3DModel`` on (B, C, F, H, W), Llama text with
+  the pipeline's default prompt template and CLIP's pooled embedding, ``AutoencoderKLHunyuanVideo``
+  (scaling factor). Guidance-distilled: the guidance scale x 1000 is an input of the one pass per
+  step (capability guidance ``embedded``, as FLUX.1-dev); the pipeline's optional true CFG
+  (``true_cfg_scale`` with a negative prompt, a second pass) is not run. Flow matching at the
+  scheduler's static shift (7 on the hub): bench's ``euler`` at n steps is the pipeline's default
+  loop (sigmas linspace(1, 0, n + 1)[:-1], shifted).
+
+Not yet: Wan's image-to-video and VACE pipelines, CogVideoX's ``use_dynamic_cfg``, the
+image-to-video and condition pipelines of CogVideoX and LTX-Video.
 """
 
 from __future__ import annotations
@@ -77,10 +86,20 @@ from bench.models.pipelines import (
     time_shift_of,
 )
 
-VIDEO_PIPELINES = {"WanPipeline": "wan", "LTXPipeline": "ltx", "CogVideoXPipeline": "cogvideox"}
-TRANSFORMERS = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel", "cogvideox": "CogVideoXTransformer3DModel"}
+VIDEO_PIPELINES = {
+    "WanPipeline": "wan",
+    "LTXPipeline": "ltx",
+    "CogVideoXPipeline": "cogvideox",
+    "HunyuanVideoPipeline": "hunyuan",
+}
+TRANSFORMERS = {
+    "wan": "WanTransformer3DModel",
+    "ltx": "LTXVideoTransformer3DModel",
+    "cogvideox": "CogVideoXTransformer3DModel",
+    "hunyuan": "HunyuanVideoTransformer3DModel",
+}
+EMBEDDED_GUIDANCE = ("HunyuanVideoPipeline",)  # guidance-distilled: the scale is an input, one pass per step
 NOT_YET = {
-    "HunyuanVideoPipeline": "HunyuanVideo (Llama prompt template, guidance-embedded transformer) is not supported yet",
     "WanImageToVideoPipeline": "Wan image-to-video is not supported yet (bench runs text-to-video)",
     "WanVACEPipeline": "Wan VACE is not supported yet (bench runs text-to-video)",
     "CogVideoXImageToVideoPipeline": "CogVideoX image-to-video is not supported yet (bench runs text-to-video)",
@@ -94,9 +113,11 @@ def is_video_pipeline(class_name: str) -> bool:
     return class_name in VIDEO_PIPELINES or class_name in NOT_YET
 
 
-def video_capabilities(kind: str) -> Capabilities:
-    """A text-to-video pipeline's capabilities (``kind``: its prediction, from the scheduler config)."""
-    return Capabilities("video-dit", "video", kind, "text", "flow" if kind == "flow" else "vp", "cfg")
+def video_capabilities(kind: str, pipeline_class: str = "") -> Capabilities:
+    """A text-to-video pipeline's capabilities (``kind``: its prediction, from the scheduler config;
+    HunyuanVideo's guidance is embedded)."""
+    guidance = "embedded" if pipeline_class in EMBEDDED_GUIDANCE else "cfg"
+    return Capabilities("video-dit", "video", kind, "text", "flow" if kind == "flow" else "vp", guidance)
 
 
 @dataclass(frozen=True)
@@ -140,6 +161,7 @@ class VideoTextNet(nn.Module):
         latent_shape: tuple[int, int, int, int],
         *,
         mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
         schedule: ShiftedFlowSchedule | None = None,
         model_2: nn.Module | None = None,
         boundary: float | None = None,
@@ -156,6 +178,7 @@ class VideoTextNet(nn.Module):
         self.latent_shape = latent_shape  # (F, C, H, W)
         self.register_buffer("table", table, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("pooled", pooled, persistent=False)
         self.register_buffer("rope_cos", None if rope is None else rope[0], persistent=False)
         self.register_buffer("rope_sin", None if rope is None else rope[1], persistent=False)
         self.rope_scale = rope_scale
@@ -166,7 +189,7 @@ class VideoTextNet(nn.Module):
     def null_class(self) -> int:
         return len(self.table) - 1
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance: float | None = None) -> torch.Tensor:
         if x.ndim != 5:
             raise ValueError(f"a video pipeline's network takes clips (B, F, C, H, W), got shape {tuple(x.shape)}")
         if cond is None:
@@ -179,13 +202,15 @@ class VideoTextNet(nn.Module):
             low = t < self.boundary  # WanPipeline: timesteps below the boundary go to the low-noise expert
             if bool(low.any()) and not bool(low.all()):
                 out = torch.empty_like(x)
-                out[~low] = self._call(self.transformer, x[~low], t[~low], cond[~low])
-                out[low] = self._call(self.transformer_2, x[low], t[low], cond[low])
+                out[~low] = self._call(self.transformer, x[~low], t[~low], cond[~low], guidance)
+                out[low] = self._call(self.transformer_2, x[low], t[low], cond[low], guidance)
                 return out
-            return self._call(self.transformer_2 if bool(low.all()) else self.transformer, x, t, cond)
-        return self._call(self.transformer, x, t, cond)
+            return self._call(self.transformer_2 if bool(low.all()) else self.transformer, x, t, cond, guidance)
+        return self._call(self.transformer, x, t, cond, guidance)
 
-    def _call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _call(
+        self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float | None
+    ) -> torch.Tensor:
         emb = self.table[cond]
         h = x.to(self.net_dtype)
         f = self.family
@@ -206,6 +231,13 @@ class VideoTextNet(nn.Module):
                 return_dict=False,
             )[0]  # fmt: skip
             out = _ltx_unpack(out.float(), nf // pt, nh // p, nw // p, p, pt).transpose(1, 2)
+        elif f == "hunyuan":  # guidance-distilled: the scale x 1000 is an input (HunyuanVideoPipeline)
+            g = torch.full((len(x),), 1000.0 * float(1.0 if guidance is None else guidance), device=x.device)
+            out = model(
+                hidden_states=h.transpose(1, 2), timestep=t.to(torch.float32), encoder_hidden_states=emb,
+                encoder_attention_mask=self.mask[cond], pooled_projections=self.pooled[cond], guidance=g.to(h.dtype),
+                return_dict=False,
+            )[0].transpose(1, 2)  # fmt: skip
         else:  # cogvideox: (B, F, C, H, W) in and out
             rope = None if self.rope_cos is None else (self.rope_cos, self.rope_sin)
             out = model(hidden_states=h, encoder_hidden_states=emb, timestep=t, image_rotary_emb=rope, return_dict=False)[0]
@@ -246,6 +278,8 @@ def _decoder(pipe: Any, family: str, device: str, drop_frames: int = 0, batch: i
                 std = torch.tensor(cfg.latents_std, device=device).view(1, -1, 1, 1, 1)
                 z = z * std + mean  # WanPipeline: latents / (1 / std) + mean
                 video = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+            elif family == "hunyuan":
+                video = vae.decode((z / float(cfg.scaling_factor)).to(vae.dtype), return_dict=False)[0]
             elif family == "ltx":
                 mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(device, torch.float32)
                 std = vae.latents_std.view(1, -1, 1, 1, 1).to(device, torch.float32)
@@ -278,7 +312,9 @@ def video_bundle(
     """The bundle of a loaded video pipeline (see the module docstring)."""
     name = type(pipe).__name__
     if name in NOT_YET:
-        raise PipelineError(f"{name}: {NOT_YET[name]}; bench runs WanPipeline, LTXPipeline and CogVideoXPipeline")
+        raise PipelineError(
+            f"{name}: {NOT_YET[name]}; bench runs WanPipeline, LTXPipeline, CogVideoXPipeline and HunyuanVideoPipeline"
+        )
     family = VIDEO_PIPELINES[name]
     model = pipe.transformer if pipe.transformer is not None else getattr(pipe, "transformer_2", None)
     if model is None or type(model).__name__ != TRANSFORMERS[family]:
@@ -292,6 +328,9 @@ def video_bundle(
     if family == "wan":
         s_factor, t_factor = int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
         patch_hw = int(cfg_t.patch_size[1])
+    elif family == "hunyuan":
+        s_factor, t_factor = int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
+        patch_hw = int(cfg_t.patch_size)
     elif family == "ltx":
         s_factor, t_factor = int(pipe.vae_spatial_compression_ratio), int(pipe.vae_temporal_compression_ratio)
         patch_hw = int(cfg_t.patch_size)
@@ -360,10 +399,17 @@ def video_bundle(
     pipe.to(device)
     neg = [negative_prompt] * len(prompts)
     ms = int(_call_default(pipe, "max_sequence_length", 226))
-    mask = rope = rope_scale = None
+    mask = pooled = rope = rope_scale = None
     model_2 = boundary = None
     with torch.no_grad():
-        if family == "ltx":
+        if family == "hunyuan":  # its default prompt template; the negative prompt only for an unconditional row
+            emb, pooled, mask = pipe.encode_prompt(prompts, device=device, max_sequence_length=ms)
+            neg_emb, neg_pooled, neg_mask = pipe.encode_prompt([negative_prompt], device=device, max_sequence_length=ms)
+            if neg_emb.shape[1] != emb.shape[1]:
+                raise PipelineError("HunyuanVideo: the prompt and negative prompt encodings differ in length")
+            pooled = torch.cat([pooled, neg_pooled]).to(next(model.parameters()).dtype)
+            mask = torch.cat([mask, neg_mask]).to(next(model.parameters()).dtype)  # as the pipeline casts it
+        elif family == "ltx":
             emb, m_pos, neg_emb, m_neg = pipe.encode_prompt(prompts, neg, True, max_sequence_length=ms, device=device)
             mask = torch.cat([m_pos, m_neg[:1]])
             rate = int(frame_rate or _call_default(pipe, "frame_rate", 25))
@@ -380,16 +426,17 @@ def video_bundle(
             extra["experts"] = {"boundary_timestep": boundary, "guidance_scale_2": "= guidance (the pipeline's default)"}
     table = torch.cat([emb, neg_emb[:1]]).to(next(model.parameters()).dtype)
     net = VideoTextNet(
-        model, family, table, latent_shape, mask=mask, schedule=schedule if isinstance(schedule, ShiftedFlowSchedule) else None,
+        model, family, table, latent_shape, mask=mask, pooled=pooled, schedule=schedule if isinstance(schedule, ShiftedFlowSchedule) else None,
         model_2=model_2, boundary=boundary, expand_timesteps=bool(pipe.config.get("expand_timesteps", False)),
         rope=rope, rope_scale=rope_scale,
     ).eval().requires_grad_(False)  # fmt: skip
     extra["decode"] = _decoder(pipe, family, device, drop_frames=pad)
     extra["prompts"] = list(prompts)
-    extra["guidance"] = "classifier-free"
+    embedded = name in EMBEDDED_GUIDANCE
+    extra["guidance"] = "embedded (guidance-distilled: one pass per step)" if embedded else "classifier-free"
     return ModelBundle(
         name="diffusers",
-        denoiser=Denoiser(net, kind, schedule, net.null_class),
+        denoiser=Denoiser(net, kind, schedule, net.null_class, guidance_embedded=embedded),
         sample_shape=latent_shape,
         data="video",
         num_classes=len(prompts),
