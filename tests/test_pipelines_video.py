@@ -442,3 +442,27 @@ def test_first_block_cache_and_pab_run_on_the_video_pipelines(which, wan_dir, lt
         assert 0 < uc.computed < uc.called, (name, uc.computed, uc.called)
     again, _ = bench_run(b, plain, 4, 3.0)
     assert torch.equal(again, ref)
+
+
+def test_a_suite_runs_on_a_video_pipeline_end_to_end(wan_dir, tmp_path, monkeypatch):
+    """`bench run` on the tiny Wan pipeline: a plain solver and a video cache run through the
+    runner and worker, and the stored samples are the decoded clips (N, F, 3, H, W) in [-1, 1]."""
+    import json
+
+    import pandas as pd
+
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    opts = {"pipeline": str(wan_dir), "prompts": PROMPTS, "device": "cpu", **SIZE}
+    path = write_suite(
+        tmp_path / "suite.yaml",
+        f"name: tiny-wan\nmodels:\n  - {{name: diffusers, options: {json.dumps(opts)}}}\ntiming: {{warmup: 0}}\n"
+        "methods: [euler, pab]\nsteps: [3]\nguidance: [3.0]\nn_samples: 2\nbatch_size: 2\nmetrics: []\n",
+    )
+    run = run_suite(load_suite(path), "r", tmp_path / "res", progress=False)
+    df = pd.read_parquet(run / "results.parquet")
+    assert (df["status"] == "ok").all() and sorted(df["method"]) == ["euler", "pab"] and (df["nfe"] == 3).all()
+    clips = np.load(run / "jobs" / df["job_id"].iloc[0] / "samples.npy")
+    assert clips.shape == (2, 9, 3, 32, 32) and np.isfinite(clips).all() and np.abs(clips).max() <= 1
