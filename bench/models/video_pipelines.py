@@ -183,7 +183,7 @@ class VideoTextNet(nn.Module):
         self.register_buffer("rope_sin", None if rope is None else rope[1], persistent=False)
         self.rope_scale = rope_scale
         self.time_schedule = schedule if schedule is not None and schedule.shift != 1.0 else None
-        self.net_dtype = next(model.parameters()).dtype
+        self.net_dtype = model.dtype
 
     @property
     def null_class(self) -> int:
@@ -407,8 +407,8 @@ def video_bundle(
             neg_emb, neg_pooled, neg_mask = pipe.encode_prompt([negative_prompt], device=device, max_sequence_length=ms)
             if neg_emb.shape[1] != emb.shape[1]:
                 raise PipelineError("HunyuanVideo: the prompt and negative prompt encodings differ in length")
-            pooled = torch.cat([pooled, neg_pooled]).to(next(model.parameters()).dtype)
-            mask = torch.cat([mask, neg_mask]).to(next(model.parameters()).dtype)  # as the pipeline casts it
+            pooled = torch.cat([pooled, neg_pooled]).to(model.dtype)
+            mask = torch.cat([mask, neg_mask]).to(model.dtype)  # as the pipeline casts it
         elif family == "ltx":
             emb, m_pos, neg_emb, m_neg = pipe.encode_prompt(prompts, neg, True, max_sequence_length=ms, device=device)
             mask = torch.cat([m_pos, m_neg[:1]])
@@ -424,7 +424,7 @@ def video_bundle(
         if ratio is not None and getattr(pipe, "transformer_2", None) is not None and pipe.transformer is not None:
             model_2, boundary = pipe.transformer_2, float(ratio) * pipe.scheduler.config.num_train_timesteps
             extra["experts"] = {"boundary_timestep": boundary, "guidance_scale_2": "= guidance (the pipeline's default)"}
-    table = torch.cat([emb, neg_emb[:1]]).to(next(model.parameters()).dtype)
+    table = torch.cat([emb, neg_emb[:1]]).to(model.dtype)
     net = VideoTextNet(
         model, family, table, latent_shape, mask=mask, pooled=pooled, schedule=schedule if isinstance(schedule, ShiftedFlowSchedule) else None,
         model_2=model_2, boundary=boundary, expand_timesteps=bool(pipe.config.get("expand_timesteps", False)),
