@@ -302,6 +302,36 @@ def test_ltx_euler_equals_the_pipelines_default_loop(ltx_dir, guidance):
     assert small.denoiser.schedule.shift == pytest.approx(math.exp(0.95))  # 1 frame x 4 x 4 = base_image_seq_len
 
 
+@pytest.fixture(scope="module")
+def cog15_dir(cog_dir, tmp_path_factory) -> Path:
+    """CogVideoX 1.5's transformer layout on the tiny CogVideoX: a temporal patch of 2 (3 latent
+    frames are padded to 4 at the front, as the pipeline pads them) and no patch bias."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    d = tmp_path_factory.mktemp("tiny-cog15")
+    base = CogVideoXPipeline.from_pretrained(cog_dir)
+    torch.manual_seed(2)
+    cfg = {**base.transformer.config, "patch_size_t": 2, "patch_bias": False}
+    transformer = CogVideoXTransformer3DModel.from_config(cfg)
+    CogVideoXPipeline(**{**base.components, "transformer": transformer}).save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+def test_cogvideox15_pads_frames_as_the_pipeline_and_ddim_equals_its_loop(cog15_dir):
+    from diffusers import CogVideoXPipeline
+
+    b = build_model("diffusers", pipeline=str(cog15_dir), prompts=PROMPTS, device="cpu", **SIZE)
+    assert b.sample_shape == (4, 4, 4, 4)  # 3 latent frames + 1 of padding for the temporal patch of 2
+    ours, z = bench_run(b, "ddim", 4, 6.0)
+    pipe = loaded(CogVideoXPipeline, cog15_dir)
+    theirs = pipe(
+        [PROMPTS[0], PROMPTS[2]], latents=z.clone(), num_inference_steps=4, guidance_scale=6.0, output_type="latent",
+        **SIZE,
+    ).frames  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert b.extra["decode"](ours).shape == (2, 9, 3, 32, 32)  # the padding frame dropped before decoding
+
+
 @pytest.mark.parametrize("guidance", [1.0, 6.0])
 def test_cogvideox_ddim_equals_the_pipelines_loop(cog_dir, guidance):
     """CogVideoX-2B's scheduler: bench's VP schedule is the scheduler's own alphas_cumprod (SNR

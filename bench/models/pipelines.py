@@ -36,7 +36,9 @@ guidance-distilled one takes the guidance scale as an input, one pass per step),
 ``PixArtTransformer2DModel`` (PixArt-alpha and -Sigma, T5 with its attention mask; bench samples at
 the given size, without the pipeline's resolution binning), ``SanaTransformer2DModel`` (SANA, Gemma2)
 and DiTPipeline's class-conditional ``Transformer2DModel`` (DiT-XL/2). Not yet: SANA-Sprint
-(SCM/TrigFlow sampling), HunyuanDiT, Lumina. Others fail with a message saying so. Weights are read
+(SCM/TrigFlow sampling), HunyuanDiT, Lumina. Text-to-video pipelines (Wan 2.1/2.2, LTX-Video,
+CogVideoX, HunyuanVideo; options ``num_frames``, ``frame_rate``) are built by
+:mod:`bench.models.video_pipelines` through ``VIDEO_BACKEND``. Others fail with a message saying so. Weights are read
 from a local directory or the local Hugging Face cache; nothing is downloaded unless ``download: true``.
 SD3's last joint block and SANA's blocks are adjusted for diffusers' cache hooks
 (:mod:`bench.models.pipeline_blocks`; the computation is unchanged).
