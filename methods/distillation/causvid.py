@@ -51,7 +51,7 @@ Departures from the paper, stated:
   1000/750/500/250 of bench's flow teachers (the paper's grid is its teacher's own timesteps).
 - per-chunk times enter the temporal blocks' ada-norm-single modulation per frame (reimplemented,
   above); Latte's temporal blocks take one time per token sequence, the paper's DiT needs no change.
-- the teacher trajectories are the guided teacher's Euler-16 solutions (128 of them by default), the
+- the teacher trajectories are the guided teacher's Euler-16 solutions (256 of them by default), the
   ODE-initialisation regresses x0 with the mean squared error.
 - the DMD stage's generator inputs are the teacher's ODE endpoints forward-noised to per-chunk grid
   times (diffusion forcing), not the student's own rollouts (the later Self Forcing's change); the
@@ -60,7 +60,7 @@ Departures from the paper, stated:
   (``reg_weight`` 0 by default; the ODE regression can be added beside DMD with it).
 - the real score is the teacher guided at the job's scale, so the student embeds that scale (one
   network row per sample; a job at another scale is refused).
-- budgets are sized for a shared CPU core (200 ODE steps and 100 DMD steps at batch 8, learning rate
+- budgets are sized for a shared CPU core (800 ODE steps and 200 DMD steps at batch 16, learning rate
   2e-4 then 5e-5, EMA 0.99); the paper trains for thousands of GPU steps.
 - the finished chunk is run once more at t = 0 to fill the KV cache (one extra chunk forward per chunk
   but the last), as the paper's streaming inference re-encodes the generated frames.
@@ -454,12 +454,12 @@ class CausVid(MethodAdapter):
         Knob("chunk_frames", int, 2, "frames per causal chunk (must divide the clip's frames)", low=1, high=1024, trains=True),
         Knob("teacher_steps", int, 16, "Euler steps of the guided teacher's ODE trajectories (a multiple of 4)", low=4,
              high=1000, trains=True),
-        Knob("trajectories", int, 128, "teacher ODE trajectories (ODE initialisation inputs and DMD's clean clips)", low=1,
+        Knob("trajectories", int, 256, "teacher ODE trajectories (ODE initialisation inputs and DMD's clean clips)", low=1,
              high=10_000_000, trains=True),
-        Knob("ode_steps", int, 200, "optimiser steps of the ODE initialisation", low=1, high=10_000_000, trains=True),
+        Knob("ode_steps", int, 800, "optimiser steps of the ODE initialisation", low=1, high=10_000_000, trains=True),
         Knob("ode_lr", float, 2e-4, "AdamW learning rate of the ODE initialisation (warm-up, cosine)", low=1e-8, high=1.0,
              trains=True),
-        *budget_knobs(100, 8, 5e-5, 0.99),
+        *budget_knobs(200, 16, 5e-5, 0.99),
         Knob("reg_weight", float, 0.0, "weight of the ODE regression beside DMD in the second stage (the paper: 0)",
              low=0.0, high=1e6, trains=True),
         Knob("gamma", float, 1.0, "sampling: 1 re-noises each x0 estimate with fresh noise (the paper), 0 moves "
