@@ -512,3 +512,14 @@ def test_a_suite_runs_on_a_video_pipeline_end_to_end(wan_dir, tmp_path, monkeypa
     assert (df["status"] == "ok").all() and sorted(df["method"]) == ["euler", "pab"] and (df["nfe"] == 3).all()
     clips = np.load(run / "jobs" / df["job_id"].iloc[0] / "samples.npy")
     assert clips.shape == (2, 9, 3, 32, 32) and np.isfinite(clips).all() and np.abs(clips).max() <= 1
+
+
+def test_teacache_refuses_a_video_transformer_without_a_modulated_norm1_and_names_the_fix(wan_dir, tmp_path, monkeypatch):
+    """Wan's blocks normalise with an unmodulated FP32LayerNorm and modulate afterwards: TeaCache's
+    indicator (norm1(h, emb=temb)) does not exist there, so its calibration fails saying so."""
+    import methods.caching  # noqa: F401  (registers the caches)
+
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    b = build_model("diffusers", pipeline=str(wan_dir), prompts=PROMPTS, device="cpu", **SIZE)
+    with pytest.raises(Exception, match="norm1 takes the timestep embedding.*use first_block_cache or magcache"):
+        METHODS.get("teacache")(calib_samples=1).prepare(b, 2)

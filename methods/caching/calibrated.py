@@ -106,7 +106,13 @@ def modulated_input(block: nn.Module, meta: TransformerBlockMetadata, args: tupl
             f"TeaCache needs a first block with a timestep-modulated norm (norm1 or norm called with emb=temb, as "
             f"Flux's); {type(block).__name__} has none: use a Flux-style diffusers transformer"
         )
-    out = norm(block_hidden_in(meta, args, kwargs), emb=temb)
+    try:
+        out = norm(block_hidden_in(meta, args, kwargs), emb=temb)
+    except TypeError as e:  # a norm that is not modulated this way (Wan's FP32LayerNorm, CogVideoX's, LTX's RMSNorm)
+        raise ValueError(
+            f"TeaCache needs a first block whose norm1 takes the timestep embedding (norm1(h, emb=temb), as Flux's); "
+            f"{type(block).__name__}.{type(norm).__name__} does not ({e}): use first_block_cache or magcache on this model"
+        ) from None
     return out[0] if isinstance(out, tuple) else out
 
 

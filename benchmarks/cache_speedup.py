@@ -1,0 +1,122 @@
+"""Measured against FLOPs-implied speedup of feature caches, side by side in one run (not collected by pytest).
+
+    .venv/bin/python benchmarks/cache_speedup.py [--model moving-digits-dit] [--batch 32] [--steps 20] [--pairs 5]
+        [--cache teacache:threshold=0.3 ...]
+
+For each cache configuration, on one batch of the model's seeds: the FLOPs of a whole sampler run
+with the cache and without it (``bench.accounting.flops_of``, as the harness counts them), the
+fraction of cache units computed, and the wall time of the two runs, timed in alternation
+(uncached, cached, uncached, ...; ``--pairs`` pairs after one untimed run of each) so both see the
+same machine. It prints, per cache: FLOPs-implied speedup = uncached FLOPs / cached FLOPs,
+measured speedup = median uncached time / median cached time, and their ratio (1 = the clock
+delivers what the FLOPs promise), with the spread of the per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import methods  # noqa: E402,F401  (registers the methods)
+from bench.accounting import UnitCounter, flops_of  # noqa: E402
+from bench.models import build_model  # noqa: E402
+from bench.registry import METHODS  # noqa: E402
+from bench.seeds import generators, noise  # noqa: E402
+from methods.caching.base import target_model  # noqa: E402
+
+VIDEO_CACHES = [
+    "first_block_cache:threshold=0.3",
+    "teacache:threshold=0.3",
+    "magcache:threshold=0.2",
+    "taylorseer",
+    "pab",
+    "fastercache",
+]
+IMAGE_CACHES = ["teacache:threshold=0.4", "taylorseer", "taylorseer:order=2"]
+
+
+def parse(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    knobs = {}
+    for kv in filter(None, rest.split(",")):
+        k, v = kv.split("=")
+        knobs[k] = float(v) if "." in v else int(v)
+    return name, knobs
+
+
+def measure(model: str, caches: list[str], batch: int, steps: int, guidance: float, pairs: int) -> list[dict]:
+    torch.manual_seed(0)
+    bundle = build_model(model)
+    net = target_model(bundle.denoiser.net)
+    seeds = range(batch)
+    x = noise(generators(0, seeds), bundle.sample_shape, bundle.dtype)
+    cond = torch.arange(batch) % bundle.num_classes if bundle.num_classes else None
+    out = []
+    for spec in caches:
+        name, knobs = parse(spec)
+        ad = METHODS.get(name)(**knobs)
+        cached = ad.prepare(bundle, steps)
+        plain = METHODS.get(ad.config["solver"])().prepare(bundle, steps)
+
+        def run(sampler):
+            with torch.no_grad():
+                return sampler(x.clone(), cond, guidance, generators(0, seeds))
+
+        f_plain, f_cached = flops_of(lambda s=plain: run(s)), flops_of(lambda s=cached: run(s))
+        with UnitCounter(ad.units(net)) as uc:
+            run(cached)
+        times = {"plain": [], "cached": []}
+        for i in range(pairs):
+            order = ("plain", "cached") if i % 2 == 0 else ("cached", "plain")
+            for which in order:
+                t0 = time.perf_counter()
+                run(plain if which == "plain" else cached)
+                times[which].append(time.perf_counter() - t0)
+        implied = f_plain / f_cached
+        measured = statistics.median(times["plain"]) / statistics.median(times["cached"])
+        per_pair = [p / c / implied for p, c in zip(times["plain"], times["cached"], strict=True)]
+        out.append(
+            dict(
+                cache=spec,
+                units=uc.fraction,
+                implied=implied,
+                measured=measured,
+                ratio=measured / implied,
+                lo=min(per_pair),
+                hi=max(per_pair),
+                plain_s=statistics.median(times["plain"]),
+            )  # fmt: skip
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="moving-digits-dit")
+    ap.add_argument("--cache", nargs="*", default=None, help="name[:knob=value,...]; default: the video caches")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--pairs", type=int, default=5)
+    a = ap.parse_args(argv)
+    caches = a.cache or (VIDEO_CACHES if a.model == "moving-digits-dit" else IMAGE_CACHES)
+    print(f"{a.model}, batch {a.batch}, {a.steps} steps, guidance {a.guidance}, {a.pairs} alternating pairs")
+    print("cache | units computed | speedup FLOPs-implied | measured | measured/implied [per-pair min, max] | uncached s")
+    for r in measure(a.model, caches, a.batch, a.steps, a.guidance, a.pairs):
+        print(
+            f"{r['cache']} | {r['units']:.3f} | {r['implied']:.2f} | {r['measured']:.2f} | "
+            f"{r['ratio']:.3f} [{r['lo']:.2f}, {r['hi']:.2f}] | {r['plain_s']:.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
