@@ -92,32 +92,34 @@ def main() -> None:
     asset = Path(a.asset)
     record = json.loads(asset.with_suffix(".json").read_text())
     w = float(record["guidance"])
-    runs = {"causvid": committed_student(bundle, record, asset.with_suffix(".safetensors"))}
+    runs = {"causvid": (committed_student(bundle, record, asset.with_suffix(".safetensors")), w)}
     for n in a.teacher_steps:
-        runs[f"euler-{n}"] = METHODS.get("euler")().prepare(bundle, n, {}, w)
+        runs[f"euler-{n}"] = (METHODS.get("euler")().prepare(bundle, n, {}, w), w)
+    # the teacher unguided: one network row per sample and step, as the guidance-distilled student
+    runs[f"euler-{a.teacher_steps[0]} w1"] = (METHODS.get("euler")().prepare(bundle, a.teacher_steps[0], {}, 1.0), 1.0)
     gens = generators(0, range(a.batch))
     z = noise(gens, bundle.sample_shape)
     cond = torch.arange(a.batch) % 10
     res: dict[str, dict[str, list[float]]] = {k: {"ttff": [], "total": []} for k in runs}
     with torch.no_grad():
-        for prep in runs.values():  # warm-up
-            prep(z, cond, w, generators(0, range(a.batch)))
+        for prep, g in runs.values():  # warm-up
+            prep(z, cond, g, generators(0, range(a.batch)))
         for _ in range(a.repeats):
-            for name, prep in runs.items():
+            for name, (prep, g) in runs.items():
                 with FirstFramesTimer(prep.denoiser.net) as timer:
-                    out, ttff, total = timer.run(lambda prep=prep: prep(z, cond, w, generators(0, range(a.batch))))
+                    out, ttff, total = timer.run(lambda prep=prep, g=g: prep(z, cond, g, generators(0, range(a.batch))))
                     if name == "causvid":
                         k = int(record["chunk_frames"])
                         assert torch.equal(timer.first_chunk_x0(), out[:, :k]), "the timed first chunk is not the final one"
                 res[name]["ttff"].append(ttff)
                 res[name]["total"].append(total)
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
-    print(f"batch {a.batch}, {a.repeats} repeats (median), threads {a.threads}, guidance {w:g}")
+    print(f"batch {a.batch}, {a.repeats} repeats (median), threads {a.threads}, guidance {w:g} (w1: the teacher unguided)")
     print(f"{'method':>10} {'TTFF s':>9} {'total s':>9}")
     for k, d in med.items():
         print(f"{k:>10} {d['ttff']:9.4f} {d['total']:9.4f}")
     s = med["causvid"]
-    for n in a.teacher_steps:
+    for n in [*a.teacher_steps, f"{a.teacher_steps[0]} w1"]:
         t = med[f"euler-{n}"]
         print(f"teacher euler-{n} / causvid ({a.steps}/chunk): TTFF ratio {t['ttff'] / s['ttff']:.2f}x, "
               f"total latency ratio {t['total'] / s['total']:.2f}x")  # fmt: skip
