@@ -157,6 +157,44 @@ def test_taylorseer_forecasts_sublayer_outputs_by_taylor_expansion(tiny_flux, or
     torch.testing.assert_close(seen[3], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("interval", "order", "warmup"), [(3, 1, 3), (2, 2, 1), (4, 0, 2), (2, 3, 2)])
+def test_taylorseer_equals_diffusers_taylorseer_hooks(tiny_flux, interval, order, warmup):
+    """bench's TaylorSeer hooks (Horner forecast) give diffusers' apply_taylorseer_cache outputs and schedule."""
+    import re
+
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+    from methods.caching.base import CacheHandle, remove_hooks, set_context, snapshot
+    from methods.caching.fora import sublayers
+
+    m = tiny_flux
+    args = [flux_args(m, s) for s in range(9)]
+    ad = METHODS.get("taylorseer")(interval=interval, order=order, warmup=warmup)
+    mine, uc = calls(m, ad, args)
+    before = snapshot(m)
+    cfg = TaylorSeerCacheConfig(
+        cache_interval=interval,
+        disable_cache_before_step=warmup,
+        max_order=order,
+        taylor_factors_dtype=torch.float32,
+        cache_identifiers=[re.escape(n) for n in sublayers(m)],
+    )
+    apply_taylorseer_cache(m, cfg)
+    set_context(m, "cond")
+    try:
+        with torch.no_grad():
+            theirs = [m(*a[0], **a[1]) for a in args]
+    finally:
+        set_context(m, None)
+        remove_hooks(CacheHandle(m, [_TAYLORSEER_CACHE_HOOK], before))
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    n = len(ad.units(m))
+    full = sum(s < warmup or (s - warmup - 1) % interval == 0 for s in range(9))
+    assert uc.called == 9 * n and uc.computed == full * n
+
+
 def test_first_block_cache_skips_the_rest_when_the_first_residual_is_unchanged(tiny_flux):
     m = tiny_flux
     a, bb = flux_args(m, 1), flux_args(m, 2)

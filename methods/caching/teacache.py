@@ -40,12 +40,22 @@ from methods.caching.calibrated import (
     block_result,
     fit_rescale,
     modulated_input,
-    rel_l1,
     stack_residual,
 )
 
 HEAD_HOOK = "teacache_head"
 BLOCK_HOOK = "teacache_block"
+
+
+def mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """mean |x| in one pass (an L1 norm), rather than abs() then mean()."""
+    return torch.linalg.vector_norm(x.float(), ord=1) / x.numel()
+
+
+def change(mod: torch.Tensor, prev: torch.Tensor, prev_size: torch.Tensor) -> torch.Tensor:
+    """The indicator's relative L1 change mean|mod - prev| / mean|prev|: one fused pass for the
+    numerator, the denominator kept from the previous call (``calibrated.rel_l1`` over the whole batch)."""
+    return torch.nn.functional.l1_loss(mod.float(), prev.float()) / prev_size
 
 
 class TeaState(BaseState):
@@ -58,6 +68,7 @@ class TeaState(BaseState):
         self.call = 0
         self.acc = 0.0
         self.prev_mod: torch.Tensor | None = None
+        self.prev_size: torch.Tensor | None = None  # mean |prev_mod|, the indicator's denominator, kept from its call
         self.residual: torch.Tensor | None = None
         self.head_in: torch.Tensor | None = None
         self.skip = False
@@ -107,12 +118,12 @@ class TeaHeadHook(_TeaHook):
         if first_or_last or s.prev_mod is None or s.residual is None or s.prev_mod.shape != mod.shape:
             s.acc = 0.0
         else:
-            s.acc += max(float(self.rescale(float(rel_l1(mod, s.prev_mod, dims=0)))), 0.0)
+            s.acc += max(float(self.rescale(float(change(mod, s.prev_mod, s.prev_size)))), 0.0)
             if s.acc < self.threshold:
                 skip = True
             else:
                 s.acc = 0.0
-        s.prev_mod = mod
+        s.prev_mod, s.prev_size = mod, mean_abs(mod)
         s.skip = skip
         self.log.append(skip)
         if skip:
