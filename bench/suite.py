@@ -229,12 +229,16 @@ def _cross_checks(suite: Suite) -> list[str]:
         return [f"the suite expands to {n} jobs, more than {MAX_JOBS}; split it into several suites or sweep fewer values"]
     problems = []
     for i, ms in enumerate(suite.models):
-        meta = MODELS.entry(ms.name).meta
+        meta = dict(MODELS.entry(ms.name).meta)
+        # a pipeline's data (image or video) comes from its config, not its registration; a pipeline not on
+        # this machine is not known yet, and its jobs check their metrics when they build it
+        caps = model_capabilities(ms)
+        meta["data"] = caps.data if caps is not None else None
         if ms.name == "gmm" and any(g != 1.0 for g in suite.guidance):
             problems.append(f"guidance: models[{i}] ({ms.label}) is unconditional; use guidance: [1.0]")
         for key in ("metrics", "optional_metrics"):
             for j, n in enumerate(getattr(suite, key)):
-                if n in METRICS and METRICS.entry(n).meta["data"] != meta["data"]:
+                if n in METRICS and meta["data"] is not None and METRICS.entry(n).meta["data"] != meta["data"]:
                     problems.append(
                         f"{key}[{j}]: {n!r} measures {METRICS.entry(n).meta['data']} data but models[{i}] "
                         f"({ms.label}) makes {meta['data']} data; split the suite by data kind"
