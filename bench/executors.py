@@ -1,8 +1,10 @@
 """Executors: where jobs run. ``local`` runs them one at a time in this process; ``ray`` farms
 them to one actor per device (models stay loaded across jobs) on a local or existing cluster.
 
-Workers only compute: each returns the job's row and samples to the driver, which is the single
-writer of results. Latency is measured inside the worker, on its own device, by ``run_job``;
+Workers only compute: each returns the job's row to the driver, which is the single writer of
+results, and writes the job's samples as a file into the job store's ``incoming/`` directory (a
+file system the driver and every worker share), whose path the driver moves into the store: large
+samples never travel as in-memory returns over Ray. Latency is measured inside the worker, on its own device, by ``run_job``;
 the driver never times across the Ray boundary. Each row records the device, node, worker and
 how many workers ran at once.
 """

@@ -4,7 +4,7 @@
 calibrations: :mod:`bench.artifacts`), builds every missing artifact once as its own task before
 the jobs that need it (on Ray, one worker trains while the others sample jobs that need nothing
 unbuilt), and runs a job that compares with the same-seed samples of the suite's reference
-configuration (PSNR/SSIM/LPIPS) after that reference job, handing it those samples. The worker
+configuration (PSNR/SSIM/LPIPS) after that reference job, handing it their file. The worker
 side (one job, one build) is :mod:`bench.worker`; executors are :mod:`bench.executors`. The
 driver is the single writer of results: finished jobs are written atomically under
 ``results/<suite>/<run-id>/jobs/<job-id>/`` and into the content-addressed job store
