@@ -106,9 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (1 on a machine whose other cores are busy)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     caches = a.cache or (VIDEO_CACHES if a.model == "moving-digits-dit" else IMAGE_CACHES)
-    print(f"{a.model}, batch {a.batch}, {a.steps} steps, guidance {a.guidance}, {a.pairs} alternating pairs")
+    print(
+        f"{a.model}, batch {a.batch}, {a.steps} steps, guidance {a.guidance}, {a.pairs} alternating pairs, "
+        f"{torch.get_num_threads()} threads"
+    )
     print("cache | units computed | speedup FLOPs-implied | measured | measured/implied [per-pair min, max] | uncached s")
     for r in measure(a.model, caches, a.batch, a.steps, a.guidance, a.pairs):
         print(

@@ -222,3 +222,28 @@ def test_fastercache_cfg_split_is_over_each_frame_plane(teacher):
     # each frame's own 2-D spectrum: the split of one frame alone is the same
     lo1, _ = split_frequencies(x[:, 3])
     torch.testing.assert_close(lo[:, 3], lo1)
+
+
+def test_taylorseer_skips_only_dead_norms(teacher):
+    """The pre-norms TaylorSeer leaves uncomputed on forecast calls feed nothing else: the samples
+    are bit-identical with and without skipping them, and fewer LayerNorm calls run."""
+    from methods.caching.taylorseer import TaylorSeer, dead_norms
+
+    b = teacher
+    m = target_model(b.denoiser.net)
+    assert len(dead_norms(m)) == 2 * 2 * LATTE_CONFIG["num_layers"]  # norm1, norm2 of each spatial and temporal block
+    x, c, g = inputs(b, range(2), [1, 7])
+    norms = {str(i): n for i, n in enumerate(dead_norms(m))}  # affine LayerNorms: their weights show them computed
+    runs = {}
+    for skip in (False, True):
+        TaylorSeer.skip_dead_norms = skip
+        try:
+            with UnitCounter(norms) as uc:
+                out = METHODS.get("taylorseer")(interval=3, warmup=2).prepare(b, 8)(x, c, 2.0, g)
+            runs[skip] = (out, uc.computed, uc.called)
+        finally:
+            TaylorSeer.skip_dead_norms = True
+    assert torch.equal(runs[True][0], runs[False][0])
+    # 8 calls: full 0, 1 (warm-up), 3, 6; forecast 2, 4, 5, 7 -> the norms run on 4 of 8 calls
+    assert runs[False][1] == runs[False][2] == 8 * len(norms)
+    assert runs[True][1] == 4 * len(norms) and runs[True][2] == 8 * len(norms)

@@ -13,59 +13,61 @@ separate multiply and add, five passes over every cached feature map per forecas
 which on a small network took a tenth of the time a cache was meant to save
 (``benchmarks/cache_speedup.py``). Here a forecast is Horner's rule, one fused
 ``torch.add(f_k, acc, alpha=offset / (k + 1))`` per order (one pass at order 1), and an update
-divides its differences in place. ``tests/test_caching.py`` checks it against diffusers' hooks.
+divides its differences in place. And on a forecast call the blocks' own pre-norms, whose outputs
+only feed the forecast sub-layers, are not computed (:class:`DeadNormHook`): the paper's blocks skip
+them together with the layers they feed. ``tests/test_caching.py`` checks the outputs against
+diffusers' hooks; ``tests/test_video_caches.py`` that skipping the norms changes no sample bit.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from diffusers.hooks.hooks import ModelHook
+from diffusers.hooks.hooks import ModelHook, StateManager
 from torch import nn
 
 from bench.adapter import Knob, register_method
 from bench.bundle import Applies
-from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, register
+from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, StepClockHook, block_lists, new_state, register
 from methods.caching.fora import sublayers
 
 HOOK = "taylorseer"
+CLOCK_HOOK = "taylorseer_clock"
+NORM_HOOK = "taylorseer_dead_norm"
 FACTOR_DTYPE = torch.float32
 
 
 class TaylorSeerHook(ModelHook):
-    """On one sub-layer: compute and update the Taylor factors on full calls, forecast otherwise."""
+    """On one sub-layer: compute and update the Taylor factors on full calls, forecast otherwise
+    (whether a call is full is decided once per model forward by the root clock, ``state``)."""
 
     _is_stateful = True
 
-    def __init__(self, interval: int, warmup: int, order: int) -> None:
+    def __init__(self, state: StateManager, order: int) -> None:
         super().__init__()
-        self.interval, self.warmup, self.order = interval, warmup, order
+        self.state_manager, self.order = state, order
         self.reset_state(None)
 
     def reset_state(self, module: nn.Module | None) -> nn.Module | None:
-        self.step = -1
         self.last: int | None = None
         self.factors: list[list[torch.Tensor]] = []  # per output: [F, dF, d2F, ...] (float32)
         self.dtypes: list[torch.dtype] = []
         self.tuple_out = False
         return module
 
-    def is_full(self, step: int) -> bool:
-        return step < self.warmup or (step - self.warmup - 1) % self.interval == 0
-
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        self.step += 1
-        if self.is_full(self.step) or self.last is None:
+        s = self.state_manager.get_state()
+        if s.full or self.last is None:
             out = self.fn_ref.original_forward(*args, **kwargs)
-            self.update(out)
+            self.update(out, s.call)
             return out
-        return self.forecast()
+        return self.forecast(s.call)
 
-    def update(self, out: Any) -> None:
+    def update(self, out: Any, step: int) -> None:
         self.tuple_out = not torch.is_tensor(out)
         outs = tuple(out) if self.tuple_out else (out,)
-        delta = None if self.last is None else self.step - self.last
+        delta = None if self.last is None else step - self.last
         factors = []
         for i, f in enumerate(outs):
             new = [f.to(FACTOR_DTYPE)]
@@ -75,10 +77,10 @@ class TaylorSeerHook(ModelHook):
                     break  # a changed shape restarts the expansion from order 0
                 new.append((new[j] - prev[j]).div_(delta))
             factors.append(new)
-        self.factors, self.dtypes, self.last = factors, [f.dtype for f in outs], self.step
+        self.factors, self.dtypes, self.last = factors, [f.dtype for f in outs], step
 
-    def forecast(self) -> Any:
-        offset = self.step - self.last
+    def forecast(self, step: int) -> Any:
+        offset = step - self.last
         outs = []
         for fs, dtype in zip(self.factors, self.dtypes, strict=True):
             acc = fs[-1]
@@ -86,6 +88,32 @@ class TaylorSeerHook(ModelHook):
                 acc = torch.add(fs[k], acc, alpha=offset / (k + 1))
             outs.append(acc.to(dtype) if len(fs) > 1 or dtype != FACTOR_DTYPE else acc.clone())
         return tuple(outs) if self.tuple_out else outs[0]
+
+
+class DeadNormHook(ModelHook):
+    """On a block's own normalisation layer (outside its sub-layers), whose output only feeds the
+    sub-layers being forecast: on a forecast call nothing reads it, so it returns its input
+    uncomputed. The paper's blocks skip these norms with the layers they feed; diffusers' hooks on
+    the sub-layers alone compute them on every call. ``tests/test_video_caches.py`` checks the
+    samples are bit-identical with and without this hook."""
+
+    def __init__(self, state: StateManager) -> None:
+        super().__init__()
+        self.state_manager = state
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.state_manager.get_state().full:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return args[0] if args else next(iter(kwargs.values()))
+
+
+def dead_norms(model: nn.Module) -> list[nn.Module]:
+    """The LayerNorms of every block that sit outside the block's sub-layers (pre-norms)."""
+    inside = {id(m) for layer in sublayers(model).values() for m in layer.modules()}
+    out = []
+    for _, block in block_lists(model):
+        out += [m for m in block.modules() if isinstance(m, nn.LayerNorm) and id(m) not in inside]
+    return out
 
 
 @register_method
@@ -101,11 +129,19 @@ class TaylorSeer(CacheAdapter):
         Knob("warmup", int, 3, "first calls always full (they seed the differences)", low=1, high=100),
     )
 
+    skip_dead_norms: ClassVar[bool] = True
+
     def apply(self, model: nn.Module, steps: int) -> CacheHandle:
         c = self.config
+        state = new_state()
+        interval, warmup = c["interval"], c["warmup"]
+        register(model, StepClockHook(state, lambda i: i < warmup or (i - warmup - 1) % interval == 0), CLOCK_HOOK)
         for layer in sublayers(model).values():
-            register(layer, TaylorSeerHook(c["interval"], c["warmup"], c["order"]), HOOK)
-        return CacheHandle(model, [HOOK])
+            register(layer, TaylorSeerHook(state, c["order"]), HOOK)
+        if self.skip_dead_norms:
+            for norm in dead_norms(model):
+                register(norm, DeadNormHook(state), NORM_HOOK)
+        return CacheHandle(model, [CLOCK_HOOK, HOOK, NORM_HOOK])
 
     def units(self, model: nn.Module) -> dict[str, nn.Module]:
         return sublayers(model)
