@@ -136,15 +136,15 @@ def test_per_sample_seeds_give_the_same_clips_at_any_batch_size(bundle):
     rounding of the batched matmuls (CPU kernels split batches differently)."""
     suite = dataclasses.replace(load_suite(TINY), metrics=[])
     rows, xs = [], []
-    for bs in (2, 3, 6):
+    for bs in (2, 6):
         row, x = run_job(Job(ModelSpec("moving-digits-dit"), "dpmpp_2m", (), 3, 2.0, 0, 6, bs), bundle, suite)
         rows.append(row)
         xs.append(x)
     for x in xs[1:]:
         assert (x - xs[0]).abs().max() <= 1e-4 * xs[0].abs().max()
     # and another seed gives other clips
-    _, other = run_job(Job(ModelSpec("moving-digits-dit"), "dpmpp_2m", (), 3, 2.0, 1, 6, 6), bundle, suite)
-    assert (other - xs[0]).abs().max() > 0.5
+    _, other = run_job(Job(ModelSpec("moving-digits-dit"), "dpmpp_2m", (), 3, 2.0, 1, 2, 2), bundle, suite)
+    assert (other - xs[0][:2]).abs().max() > 0.5
 
 
 # --- the metrics -----------------------------------------------------------------------------
