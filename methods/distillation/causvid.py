@@ -60,7 +60,7 @@ Departures from the paper, stated:
   (``reg_weight`` 0 by default; the ODE regression can be added beside DMD with it).
 - the real score is the teacher guided at the job's scale, so the student embeds that scale (one
   network row per sample; a job at another scale is refused).
-- budgets are sized for a shared CPU core (800 ODE steps and 200 DMD steps at batch 16, learning rate
+- budgets are sized for a shared CPU core (600 ODE steps and 400 DMD steps at batch 16, learning rate
   2e-4 then 5e-5, EMA 0.99); the paper trains for thousands of GPU steps.
 - the finished chunk is run once more at t = 0 to fill the KV cache (one extra chunk forward per chunk
   but the last), as the paper's streaming inference re-encodes the generated frames.
@@ -456,10 +456,10 @@ class CausVid(MethodAdapter):
              high=1000, trains=True),
         Knob("trajectories", int, 256, "teacher ODE trajectories (ODE initialisation inputs and DMD's clean clips)", low=1,
              high=10_000_000, trains=True),
-        Knob("ode_steps", int, 800, "optimiser steps of the ODE initialisation", low=1, high=10_000_000, trains=True),
+        Knob("ode_steps", int, 600, "optimiser steps of the ODE initialisation", low=1, high=10_000_000, trains=True),
         Knob("ode_lr", float, 2e-4, "AdamW learning rate of the ODE initialisation (warm-up, cosine)", low=1e-8, high=1.0,
              trains=True),
-        *budget_knobs(200, 16, 5e-5, 0.99),
+        *budget_knobs(400, 16, 5e-5, 0.99),
         Knob("reg_weight", float, 0.0, "weight of the ODE regression beside DMD in the second stage (the paper: 0)",
              low=0.0, high=1e6, trains=True),
         Knob("gamma", float, 1.0, "sampling: 1 re-noises each x0 estimate with fresh noise (the paper), 0 moves "
