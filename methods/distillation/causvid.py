@@ -19,12 +19,13 @@ changed: a fresh student has the teacher's weights, as in the paper) run with tw
 
 Generation (:func:`causal_sample`): chunk after chunk, each denoised in ``steps`` steps over the
 trailing grid 1000 -> 0 (the student predicts the flow velocity; x0 = x_t - s v), re-noising the x0
-estimate to the next level with fresh noise between steps (DMD2's and CausVid's multistep sampling,
-``gamma`` = 1; ``gamma`` = 0 moves deterministically along the prediction); the finished chunk is then
-run once more at t = 0 to put its keys and values into the cache (as the paper's inference does), and
+estimate to the next level with fresh noise between steps (DMD2's multistep sampling, which CausVid
+uses, ``gamma`` = 1; ``gamma`` = 0 moves deterministically along the prediction); the finished chunk is then
+run once more at t = 0 to put its keys and values into the cache (a clean context, as at the paper's
+inference), and
 the next chunk attends to the cache. Earlier chunks are never recomputed.
 
-Training, in two artifacts as in the paper (Sec. 4):
+Training, in the paper's two stages (each an artifact):
 
 1. ``ode_init``: regression of the causal student on teacher ODE trajectories (``trajectories``: the
    guided teacher's Euler trajectories from noise, with the states at the student's grid times kept):
@@ -46,8 +47,8 @@ full-clip evaluations at 4 steps and 4 chunks of 2 frames); the ``flops`` column
 
 Departures from the paper, stated:
 
-- chunks of 2 frames of an 8-frame clip (4 chunks) by default; the paper's chunks are 3 latent frames
-  of 16 (after a 4x temporal VAE). Steps per chunk 1, 2 or 4 (the paper: 4) on the trailing grid
+- chunks of 2 frames of an 8-frame clip (4 chunks) by default; the paper's chunks are several latent
+  frames of a VAE-compressed video. Steps per chunk 1, 2 or 4 (the paper: 4) on the trailing grid
   1000/750/500/250 of bench's flow teachers (the paper's grid is its teacher's own timesteps).
 - per-chunk times enter the temporal blocks' ada-norm-single modulation per frame (reimplemented,
   above); Latte's temporal blocks take one time per token sequence, the paper's DiT needs no change.
@@ -63,7 +64,8 @@ Departures from the paper, stated:
 - budgets are sized for a shared CPU core (600 ODE steps and 400 DMD steps at batch 16, learning rate
   2e-4 then 5e-5, EMA 0.99); the paper trains for thousands of GPU steps.
 - the finished chunk is run once more at t = 0 to fill the KV cache (one extra chunk forward per chunk
-  but the last), as the paper's streaming inference re-encodes the generated frames.
+  but the last); the cache could instead keep the keys and values of the last denoising step (cheaper,
+  but a noisy context the student did not see in training).
 """
 
 from __future__ import annotations
