@@ -20,10 +20,9 @@ changed: a fresh student has the teacher's weights, as in the paper) run with tw
 Generation (:func:`causal_sample`): chunk after chunk, each denoised in ``steps`` steps over the
 trailing grid 1000 -> 0 (the student predicts the flow velocity; x0 = x_t - s v), re-noising the x0
 estimate to the next level with fresh noise between steps (DMD2's multistep sampling, which CausVid
-uses, ``gamma`` = 1; ``gamma`` = 0 moves deterministically along the prediction); the finished chunk is then
-run once more at t = 0 to put its keys and values into the cache (a clean context, as at the paper's
-inference), and
-the next chunk attends to the cache. Earlier chunks are never recomputed.
+uses, ``gamma`` = 1; ``gamma`` = 0 moves deterministically along the prediction). The finished chunk
+is then run once more at t = 0 to put its keys and values into the cache (a clean context, as at the
+paper's inference), and the next chunk attends to the cache. Earlier chunks are never recomputed.
 
 Training, in the paper's two stages (each an artifact):
 
