@@ -5,6 +5,8 @@
 - KID bootstrap: kernel-sum / clean-fid time of the same KID resamples (kid_bootstrap.py);
 - cache wall / FLOPs: FLOPs-implied / time-implied speedup of a cache computing half the blocks of
   the digits DiT (cache_profile.py; 1 = the clock delivers what the FLOPs promise);
+- video cache speedup: measured / FLOPs-implied speedup of four video caches on moving-digits-dit,
+  uncached and cached runs in alternation (cache_speedup.py; 1 = the clock delivers what the FLOPs promise);
 - Ray scaling: sweep seconds with 2 Ray workers / with 1 (sweep.py's suite, smaller; 0.5 is ideal);
 - warm-up batch: latency after a 16-sample warm-up / after a full-batch one, fresh processes, paired
   (warmup_batch.py; 1 = the small warm-up leaves nothing cold);
@@ -70,6 +72,20 @@ def test_cache_wall_vs_flops(benchmark):
     by_flops, by_time = cache_profile.speedups(res["time_in"], res["flops_in"], 0.5)
     benchmark.extra_info["bench_value"] = by_flops / by_time
     benchmark.extra_info.update(time_in_blocks=res["time_in"], flops_in_blocks=res["flops_in"])
+
+
+@pytest.mark.parametrize("cache", ["first_block_cache:threshold=0.3", "teacache:threshold=0.3", "taylorseer", "pab"])
+def test_video_cache_speedup(benchmark, cache):
+    """Measured / FLOPs-implied speedup of a video cache on moving-digits-dit, side by side
+    (cache_speedup.py); the history tracks the ratio (1 = the clock delivers what the FLOPs promise)."""
+    import cache_speedup
+
+    (res,) = benchmark.pedantic(
+        lambda: cache_speedup.measure("moving-digits-dit", [cache], 16, 12, 2.0, 4), rounds=1, iterations=1
+    )
+    benchmark.extra_info["bench_value"] = res["ratio"]
+    benchmark.extra_info.update(implied=res["implied"], measured=res["measured"], units=res["units"])
+    assert res["units"] < 1 and res["implied"] > 1
 
 
 def test_ray_scaling(benchmark):
