@@ -110,3 +110,30 @@ def clip_tokenizer_files(d: Path) -> None:
     (d / "vocab.json").write_text(json.dumps(enc))
     merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
     (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges))
+
+
+def random_video_teacher(directory: Path) -> ModelBundle:
+    """``moving-digits-dit`` with random weights (seed 0), saved to and loaded from ``directory``."""
+    from bench.io import save_weights
+    from bench.models.video import MovingDigitsDiT
+
+    torch.manual_seed(0)
+    path = Path(directory) / "moving-digits-dit.safetensors"
+    save_weights(path, MovingDigitsDiT().state_dict())
+    from bench.models import build_model
+
+    return build_model("moving-digits-dit", weights=str(path))
+
+
+def hooked_calls(model: torch.nn.Module, ad, args_list: list, steps: int | None = None, unpack: bool = False):
+    """Call ``model`` once per entry of ``args_list`` with cache adapter ``ad`` installed for a
+    ``steps``-step run (default: one step per entry) and its units counted; returns the outputs and
+    the ``UnitCounter``. An entry is a kwargs dict, or with ``unpack`` an (args, kwargs) pair."""
+    from bench.accounting import UnitCounter
+
+    outs = []
+    steps = len(args_list) if steps is None else steps
+    with ad.installed(model, steps), UnitCounter(ad.units(model)) as uc, torch.no_grad():
+        for a in args_list:
+            outs.append(model(*a[0], **a[1]) if unpack else model(**a))
+    return outs, uc

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import assert_model_clean, dict_state, inputs, random_bundle, tiny_flux_model
+from helpers import assert_model_clean, dict_state, hooked_calls, inputs, random_bundle, tiny_flux_model
 from torch import nn
 
 import methods.caching  # noqa: F401  (registers the caches)
@@ -88,12 +88,8 @@ def test_unknown_solver_and_wrong_model_fail_clearly(bundles):
 
 
 def calls(model: nn.Module, ad, args_list, steps: int = 10):
-    """Call the hooked model on each args in turn; return outputs and the unit counter."""
-    outs = []
-    with ad.installed(model, steps), UnitCounter(ad.units(model)) as uc, torch.no_grad():
-        for args in args_list:
-            outs.append(model(*args[0], **args[1]))
-    return outs, uc
+    """Call the hooked model on each (args, kwargs) in turn; return outputs and the unit counter."""
+    return hooked_calls(model, ad, args_list, steps, unpack=True)
 
 
 def flux_args(model, seed: int):

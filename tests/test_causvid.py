@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_suite
+from helpers import random_video_teacher, tiny_suite
 
 import methods.distillation.causvid  # noqa: F401  (registers causvid)
 from bench.artifacts import ensure, ensure_all
 from bench.io import save_weights
 from bench.models import build_model
-from bench.models.video import MovingDigitsDiT
 from bench.registry import METHODS
 from bench.seeds import generators, noise
 from bench.suite import Job, ModelSpec
@@ -49,26 +48,12 @@ def _latency_module():
     return mod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("causvid") / "moving-digits-dit.safetensors"
-    save_weights(path, MovingDigitsDiT().state_dict())
-    return build_model("moving-digits-dit", weights=str(path))
+    return random_video_teacher(tmp_path_factory.mktemp("causvid"))
 
 
 def _inputs(b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

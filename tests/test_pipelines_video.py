@@ -26,14 +26,7 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 WORDS = ["<pad>", "</s>", "<unk>", *sorted({w for p in PROMPTS for w in p.split()})]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one intra-op thread is faster than two on a loaded 2-core machine
-    (each op otherwise waits for the second thread to be scheduled); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (tests/conftest.py)
 
 
 def _t5_tokenizer():

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from diffusers import LatteTransformer3DModel
-from helpers import assert_model_clean, dict_state, inputs
+from helpers import assert_model_clean, dict_state, hooked_calls, inputs
 from safetensors.torch import load_file
 
 import methods.caching  # noqa: F401  (registers the caches)
@@ -87,14 +87,6 @@ def test_disabled_is_bit_identical_and_removal_restores(teacher, method, off, on
     assert torch.equal(METHODS.get(ad.config["solver"])().prepare(b, STEPS)(x, c, 2.0, g), ref)
 
 
-def calls(model, ad, args_list):
-    outs = []
-    with ad.installed(model, len(args_list)), UnitCounter(ad.units(model)) as uc, torch.no_grad():
-        for a in args_list:
-            outs.append(model(**a))
-    return outs, uc
-
-
 def test_pab_broadcasts_spatial_temporal_and_cross_attention_each_at_its_own_range(teacher):
     m = target_model(teacher.denoiser.net)
     ad = METHODS.get("pab")(spatial=2, temporal=3, cross=4)  # window (100, 800)
@@ -124,7 +116,7 @@ def test_first_block_cache_reuses_the_rest_of_the_stack_when_the_first_layer_is_
     with torch.no_grad():
         full_a = m(**a)
     ad = METHODS.get("first_block_cache")(threshold=0.05)
-    outs, uc = calls(m, ad, [a, a, bb])
+    outs, uc = hooked_calls(m, ad, [a, a, bb])
     rest = len(ad.units(m))
     assert rest == LATTE_CONFIG["num_layers"] - 1
     assert uc.computed == 2 * rest and uc.called == 3 * rest  # the repeat skipped, the new input did not
@@ -139,7 +131,7 @@ def test_teacache_skips_by_the_accumulated_indicator_and_adds_the_cached_residua
     # a constant rescaling polynomial (0.4 per call), threshold 1: accumulator 0.4, 0.8 skip; 1.2 runs and resets
     ad = METHODS.get("teacache")(threshold=1.0)
     ad.use({"n_calls": 7, "coefficients": [0.4]})
-    outs, uc = calls(m, ad, [a] * 7)
+    outs, uc = hooked_calls(m, ad, [a] * 7)
     assert ad.skip_log == [False, True, True, False, True, True, False]  # first and last always full
     n = len(ad.units(m))
     # the first layer counts as computed on every call: its modulated input (the indicator) is computed
@@ -193,7 +185,7 @@ def test_taylorseer_forecasts_spatial_and_temporal_sublayers(teacher):
     seen: list[torch.Tensor] = []
     h = layer.register_forward_hook(lambda mod, a, out: seen.append(out.detach().clone()))
     try:
-        _, uc = calls(m, ad, [stack_args(m, s, 800.0 - 100 * s) for s in range(4)])  # full 0, 1, 2; forecast 3
+        _, uc = hooked_calls(m, ad, [stack_args(m, s, 800.0 - 100 * s) for s in range(4)])  # full 0, 1, 2; forecast 3
     finally:
         h.remove()
     assert uc.called == 4 * len(units) and uc.computed == 3 * len(units)
@@ -207,7 +199,7 @@ def test_fastercache_extrapolates_spatial_and_temporal_attention_not_cross(teach
     assert names == {
         f"transformer_blocks.{i}.{k}.attn1" for i in range(LATTE_CONFIG["num_layers"]) for k in ("spatial", "temporal")
     }
-    _, uc = calls(m, ad, [stack_args(m, s, 300.0) for s in range(6)])  # inside the window (t < 681)
+    _, uc = hooked_calls(m, ad, [stack_args(m, s, 300.0) for s in range(6)])  # inside the window (t < 681)
     # per layer: calls 0, 1 (one computed output so far), 2, 4 computed; 3, 5 extrapolated
     assert uc.called == 6 * len(names) and uc.computed == 4 * len(names)
     assert ad.attention_hooks["transformer_blocks.0.temporal.attn1"].decisions == [True, True, True, False, True, False]

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_video_teacher
 
 from bench.bundle import Applies
 from bench.data import digits
-from bench.io import WeightsError, save_weights
+from bench.io import WeightsError
 from bench.metrics.video import (
     centroids,
     clip_jerk,
@@ -26,7 +27,7 @@ from bench.metrics.video import (
     wasserstein_1d,
 )
 from bench.models import build_model
-from bench.models.video import NULL_CLASS, MovingDigitsClassifier, MovingDigitsDiT, moving_digits_classifier
+from bench.models.video import NULL_CLASS, MovingDigitsClassifier, moving_digits_classifier
 from bench.paths import ASSETS
 from bench.registry import METHODS, MODELS
 from bench.seeds import generators, noise
@@ -135,10 +136,7 @@ def test_wasserstein_1d():
 
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("video") / "moving-digits-dit.safetensors"
-    save_weights(path, MovingDigitsDiT().state_dict())
-    return build_model("moving-digits-dit", weights=str(path))
+    return random_video_teacher(tmp_path_factory.mktemp("video"))
 
 
 def test_registered_video_teacher(random_teacher):
