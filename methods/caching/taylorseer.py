@@ -86,7 +86,7 @@ class TaylorSeerHook(ModelHook):
             acc = fs[-1]
             for k in range(len(fs) - 2, -1, -1):  # f_0 + o (f_1 + o/2 (f_2 + o/3 (...)))
                 acc = torch.add(fs[k], acc, alpha=offset / (k + 1))
-            outs.append(acc.to(dtype) if len(fs) > 1 or dtype != FACTOR_DTYPE else acc.clone())
+            outs.append(acc.to(dtype, copy=len(fs) == 1))  # order 0: a copy, never the stored factor itself
         return tuple(outs) if self.tuple_out else outs[0]
 
 
