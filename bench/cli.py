@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.allocator import keep_freed_memory
 from bench.catalog import KINDS
 from bench.paths import PathEscapeError, within
 
@@ -403,6 +404,7 @@ def build_parser(command: str | None = None, full: bool = False) -> argparse.Arg
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    keep_freed_memory()  # CPU sampling without page faults on every tensor (bench.allocator)
     args = build_parser(_command(argv)).parse_args(argv)
     try:
         return args.fn(args)

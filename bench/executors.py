@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from threadpoolctl import threadpool_limits
 
+from bench.allocator import keep_freed_memory
 from bench.suite import Suite
 from bench.worker import ModelCache, Outcome, Task, execute, worker_outcome
 
@@ -124,6 +125,7 @@ class RayWorker:
         import ray
 
         os.environ.update(env)
+        keep_freed_memory()  # as the driver does (bench.allocator)
         threadpool_limits(limits=threads)  # numpy's BLAS too: its thread count changes metric sums
         torch.set_num_threads(threads)
         self.device = device
