@@ -9,6 +9,7 @@ from diffusers import FluxTransformer2DModel, UNet2DModel
 from torch import nn
 
 from bench.data import IMAGE_SIZE, NUM_CLASSES
+from bench.models.norms import use_unit_affine_norms
 
 NULL_CLASS = NUM_CLASSES  # the label trained as "no class" for classifier-free guidance
 
@@ -85,6 +86,7 @@ class DigitsDiT(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.transformer = FluxTransformer2DModel(**FLUX_CONFIG)
+        use_unit_affine_norms(self.transformer)  # same values, the faster CPU kernel (bench.models.norms)
         self.class_token = nn.Embedding(NUM_CLASSES + 1, FLUX_CONFIG["joint_attention_dim"])
         self.class_pooled = nn.Embedding(NUM_CLASSES + 1, FLUX_CONFIG["pooled_projection_dim"])
         self.register_buffer("img_ids", image_ids(IMAGE_SIZE, IMAGE_SIZE), persistent=False)

@@ -21,6 +21,7 @@ from torch import nn
 from bench.bundle import Capabilities, ModelBundle
 from bench.denoiser import Denoiser, FlowSchedule
 from bench.models.committed import DigitsOptions, WeightsOptions, load_net
+from bench.models.norms import use_unit_affine_norms
 from bench.registry import MODELS
 from bench.video_data import CANVAS, FRAMES, NUM_CLASSES, VIDEO_SHAPE
 
@@ -115,6 +116,7 @@ class LatteStack(nn.Module):
         self.proj_out = latte.proj_out
         self.register_buffer("temp_pos_embed", latte.temp_pos_embed, persistent=False)
         self.out_channels = latte.out_channels
+        use_unit_affine_norms(self)  # same values, the faster CPU kernel (bench.models.norms)
 
     def forward(
         self,
@@ -126,7 +128,8 @@ class LatteStack(nn.Module):
         """``hidden_states`` (B, C, F, H, W) as diffusers' Latte takes them; returns the same layout."""
         b, c, f, height, width = hidden_states.shape
         p = self.config.patch_size
-        h = self.pos_embed(hidden_states.permute(0, 2, 1, 3, 4).reshape(-1, c, height, width))
+        # the patch embedding leaves (B*F, N, D) in a transposed layout; every norm of it would copy it again
+        h = self.pos_embed(hidden_states.permute(0, 2, 1, 3, 4).reshape(-1, c, height, width)).contiguous()
         n = h.shape[1]
         temb, embedded = self.adaln_single(
             timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, batch_size=b, hidden_dtype=h.dtype
@@ -169,9 +172,11 @@ class MovingDigitsDiT(nn.Module):
 
     arch = "video-dit"
 
-    def __init__(self) -> None:
+    def __init__(self, **config: Any) -> None:
+        """``config`` overrides :data:`LATTE_CONFIG` (a wider random-weight variant for benchmarks;
+        the committed weights fit the default)."""
         super().__init__()
-        self.transformer = LatteStack(LatteTransformer3DModel(**LATTE_CONFIG))
+        self.transformer = LatteStack(LatteTransformer3DModel(**{**LATTE_CONFIG, **config}))
         self.class_token = nn.Embedding(NUM_CLASSES + 1, LATTE_CONFIG["caption_channels"])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
