@@ -191,6 +191,31 @@ def test_taylorseer_equals_diffusers_taylorseer_hooks(tiny_flux, interval, order
     assert uc.called == 9 * n and uc.computed == full * n
 
 
+def test_norm_liveness_is_traced_through_the_operations_between_norm_and_block_output():
+    """methods/caching/liveness.py on a toy block: norm a feeds only the attention sub-layer (through a
+    modulation, a slice and a concatenation), norm b feeds the attention and also a plain linear
+    layer, norm c reaches the output directly: b and c are live, a is not; values are unchanged."""
+    from methods.caching.liveness import live_candidates
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (nn.LayerNorm(4, elementwise_affine=False) for _ in range(3))
+            self.attn, self.proj = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            m = torch.cat([self.a(h)[:, :1] * 2 + 1, self.a(h)[:, 1:]], dim=1)
+            h = h + self.attn(m)
+            h = h + self.attn(self.b(h)) + self.proj(self.b(h))
+            return h + 0.1 * self.c(h)
+
+    block = Block()
+    x = torch.randn(2, 3, 4)
+    live, out = live_candidates(lambda: block(x), [block.a, block.b, block.c], [block.attn], [block])
+    assert live == {1, 2}
+    assert torch.equal(out, block(x))
+
+
 def test_first_block_cache_skips_the_rest_when_the_first_residual_is_unchanged(tiny_flux):
     m = tiny_flux
     a, bb = flux_args(m, 1), flux_args(m, 2)

@@ -483,6 +483,37 @@ def test_first_block_cache_and_pab_run_on_the_video_pipelines(which, wan_dir, lt
     assert torch.equal(again, ref)
 
 
+@pytest.mark.parametrize("which", ["wan", "ltx", "cog", "hunyuan"])
+def test_taylorseer_skipping_dead_norms_changes_no_bit_on_the_video_pipelines(
+    which, wan_dir, ltx_dir, cog_dir, hunyuan_dir, tmp_path, monkeypatch
+):
+    """On forecast calls TaylorSeer gives the blocks' pre-norms a zero scalar instead of computing them
+    (methods/caching/taylorseer.py, DeadNormHook): each real video block class must then still run
+    (the placeholder passes through its modulation, slicing and concatenation to the forecast
+    sub-layers) and give the same clips bit for bit as with the norms computed. LTX's RMSNorms are not
+    LayerNorms and stay computed."""
+    import methods.caching  # noqa: F401  (registers the caches)
+    from methods.caching.base import target_model
+    from methods.caching.taylorseer import TaylorSeer, dead_norms
+
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    path = {"wan": wan_dir, "ltx": ltx_dir, "cog": cog_dir, "hunyuan": hunyuan_dir}[which]
+    b = build_model("diffusers", pipeline=str(path), prompts=PROMPTS, device="cpu", **SIZE)
+    solver = "ddim" if which == "cog" else "euler"
+    assert (len(dead_norms(target_model(b.denoiser.net))) > 0) == (which != "ltx")
+    z = noise(generators(0, range(2), "cpu"), b.sample_shape, b.dtype)
+    runs = []
+    for skip in (False, True):
+        TaylorSeer.skip_dead_norms = skip
+        try:
+            ad = METHODS.get("taylorseer")(solver=solver, interval=2, warmup=1)
+            runs.append(ad.prepare(b, 5)(z.clone(), torch.tensor([0, 2]), 3.0, generators(0, range(2), "cpu")))
+        finally:
+            TaylorSeer.skip_dead_norms = True
+    assert torch.isfinite(runs[1]).all()
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_a_suite_runs_on_a_video_pipeline_end_to_end(wan_dir, tmp_path, monkeypatch):
     """`bench run` on the tiny Wan pipeline: a plain solver and a video cache run through the
     runner and worker, and the stored samples are the decoded clips (N, F, 3, H, W) in [-1, 1]."""

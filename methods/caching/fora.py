@@ -26,8 +26,8 @@ from methods.caching.base import (
 
 CLOCK_HOOK = "fora_clock"
 REUSE_HOOK = "fora_reuse"
-# attention and MLP sub-layers of diffusers' transformer blocks (Flux single blocks: proj_mlp)
-SUBLAYERS = ("attn", "attn1", "attn2", "ff", "ff_context", "proj_mlp")
+# attention and MLP sub-layers of diffusers' transformer blocks (Flux single blocks: proj_mlp; Wan: ffn)
+SUBLAYERS = ("attn", "attn1", "attn2", "ff", "ff_context", "proj_mlp", "ffn")
 
 
 def _own_sublayers(module: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -15,13 +15,16 @@ which on a small network took a tenth of the time a cache was meant to save
 ``torch.add(f_k, acc, alpha=offset / (k + 1))`` per order (one pass at order 1), and an update
 divides its differences in place. And on a forecast call the blocks' own pre-norms, whose outputs
 only feed the forecast sub-layers, are not computed (:class:`DeadNormHook`): the paper's blocks skip
-them together with the layers they feed. ``tests/test_caching.py`` checks the outputs against
+them together with the layers they feed. Which norms those are is traced on the first call
+(:mod:`methods.caching.liveness`), not guessed from names: Wan's ``norm3`` feeds its ``ffn``, which
+an earlier version did not know as a sub-layer and left uncomputed, changing the samples. ``tests/test_caching.py`` checks the outputs against
 diffusers' hooks; ``tests/test_video_caches.py`` that skipping the norms changes no sample bit.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+from weakref import WeakKeyDictionary
 
 import torch
 from diffusers.hooks.hooks import ModelHook, StateManager
@@ -31,10 +34,12 @@ from bench.adapter import Knob, register_method
 from bench.bundle import Applies
 from methods.caching.base import SOLVER_KNOB, CacheAdapter, CacheHandle, StepClockHook, block_lists, new_state, register
 from methods.caching.fora import sublayers
+from methods.caching.liveness import live_candidates
 
 HOOK = "taylorseer"
 CLOCK_HOOK = "taylorseer_clock"
 NORM_HOOK = "taylorseer_dead_norm"
+LIVENESS_HOOK = "taylorseer_norm_liveness"
 FACTOR_DTYPE = torch.float32
 
 
@@ -91,24 +96,58 @@ class TaylorSeerHook(ModelHook):
 
 
 class DeadNormHook(ModelHook):
-    """On a block's own normalisation layer (outside its sub-layers), whose output only feeds the
-    sub-layers being forecast: on a forecast call nothing reads it, so it returns its input
-    uncomputed. The paper's blocks skip these norms with the layers they feed; diffusers' hooks on
-    the sub-layers alone compute them on every call. ``tests/test_video_caches.py`` checks the
-    samples are bit-identical with and without this hook."""
+    """On a block's own normalisation layer (outside its sub-layers) whose output only feeds the
+    sub-layers being forecast (``dead``, traced on the first call by :class:`NormLivenessHook`): on a
+    forecast call nothing reads it, so it returns a zero scalar in its place. The block's modulation
+    of it (``norm * (1 + scale) + shift``) then costs a (B, 1, D) tensor instead of two passes over
+    the hidden states, and the forecast sub-layer ignores what it is given. The paper's blocks skip
+    these norms with the layers they feed; diffusers' hooks on the sub-layers alone compute them on
+    every call. ``tests/test_video_caches.py`` and ``tests/test_pipelines_video.py`` check the
+    samples are bit-identical with and without these hooks on Latte, Wan, LTX, CogVideoX and
+    HunyuanVideo blocks."""
 
     def __init__(self, state: StateManager) -> None:
         super().__init__()
         self.state_manager = state
+        self.dead = False  # until the trace shows it
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.state_manager.get_state().full:
+        if self.state_manager.get_state().full or not self.dead:
             return self.fn_ref.original_forward(*args, **kwargs)
-        return args[0] if args else next(iter(kwargs.values()))
+        x = args[0] if args else next(iter(kwargs.values()))
+        return x.new_zeros(())
+
+
+class NormLivenessHook(ModelHook):
+    """Root hook: the first forward (always a full pass) runs traced (:mod:`methods.caching.liveness`),
+    and each candidate norm whose output reaches a block's output other than through a forecast
+    sub-layer stays computed on every call. The trace costs about half a full call on the video
+    teacher, so its result is kept per network (``LIVE``) and later runs skip it."""
+
+    def __init__(
+        self, norms: list[nn.Module], hooks: list[DeadNormHook], layers: list[nn.Module], blocks: list[nn.Module]
+    ) -> None:
+        super().__init__()
+        self.norms, self.hooks, self.layers, self.blocks = norms, hooks, layers, blocks
+        self.traced = False
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.traced:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        live, out = live_candidates(lambda: self.fn_ref.original_forward(*args, **kwargs), self.norms, self.layers, self.blocks)
+        LIVE[module] = frozenset(live)
+        for i, hook in enumerate(self.hooks):
+            hook.dead = i not in live
+        self.traced = True
+        return out
+
+
+LIVE: WeakKeyDictionary[nn.Module, frozenset[int]] = WeakKeyDictionary()  # network -> its live candidate norms
 
 
 def dead_norms(model: nn.Module) -> list[nn.Module]:
-    """The LayerNorms of every block that sit outside the block's sub-layers (pre-norms)."""
+    """The candidates: the LayerNorms of every block that sit outside the block's sub-layers (pre-norms);
+    which of them only feed sub-layers is traced on the first call."""
     inside = {id(m) for layer in sublayers(model).values() for m in layer.modules()}
     out = []
     for _, block in block_lists(model):
@@ -136,12 +175,21 @@ class TaylorSeer(CacheAdapter):
         state = new_state()
         interval, warmup = c["interval"], c["warmup"]
         register(model, StepClockHook(state, lambda i: i < warmup or (i - warmup - 1) % interval == 0), CLOCK_HOOK)
-        for layer in sublayers(model).values():
+        layers = list(sublayers(model).values())
+        for layer in layers:
             register(layer, TaylorSeerHook(state, c["order"]), HOOK)
         if self.skip_dead_norms:
-            for norm in dead_norms(model):
-                register(norm, DeadNormHook(state), NORM_HOOK)
-        return CacheHandle(model, [CLOCK_HOOK, HOOK, NORM_HOOK])
+            norms = dead_norms(model)
+            hooks = [DeadNormHook(state) for _ in norms]
+            for norm, hook in zip(norms, hooks, strict=True):
+                register(norm, hook, NORM_HOOK)
+            if model in LIVE:
+                for i, hook in enumerate(hooks):
+                    hook.dead = i not in LIVE[model]
+            else:
+                blocks = [b for _, b in block_lists(model)]
+                register(model, NormLivenessHook(norms, hooks, layers, blocks), LIVENESS_HOOK)
+        return CacheHandle(model, [CLOCK_HOOK, HOOK, NORM_HOOK, LIVENESS_HOOK])
 
     def units(self, model: nn.Module) -> dict[str, nn.Module]:
         return sublayers(model)

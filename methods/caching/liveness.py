@@ -1,0 +1,81 @@
+"""Which of a block's modules only feed the sub-layers a cache replaces: traced, not assumed.
+
+A cache that forecasts or reuses a block's attention and MLP outputs (TaylorSeer) need not compute
+the norms whose outputs only feed those sub-layers. Which norms those are differs per block class
+(Wan's feed-forward is ``ffn`` after ``norm3``; a Flux single block's norm feeds its attention and
+its MLP projection; a CogVideoX norm output is concatenated with the text tokens first), so it is
+measured on one real forward: each candidate's output is marked, every torch operation outside the
+sub-layers passes its inputs' marks on to its outputs (``TorchFunctionMode``), a sub-layer's output
+starts clean, and a candidate whose mark reaches a block's output is live. The forward computes
+exactly what it would untraced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+
+class _Marks(TorchFunctionMode):
+    """Propagates sets of candidate indices from operation inputs to outputs, outside sub-layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: dict[int, tuple[torch.Tensor, frozenset[int]]] = {}  # id -> (tensor kept alive, marks)
+        self.depth = 0  # > 0 inside a sub-layer
+
+    def of(self, obj: Any) -> frozenset[int]:
+        out: frozenset[int] = frozenset()
+        for t in tree_leaves(obj):
+            if torch.is_tensor(t) and id(t) in self.marks and self.marks[id(t)][0] is t:
+                out |= self.marks[id(t)][1]
+        return out
+
+    def mark(self, obj: Any, marks: frozenset[int]) -> None:
+        for t in tree_leaves(obj):
+            if torch.is_tensor(t):
+                self.marks[id(t)] = (t, marks)
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0:
+            marks = self.of((args, kwargs))
+            if marks:
+                self.mark(out, marks | self.of(out))
+        return out
+
+
+def live_candidates(
+    run: Callable[[], Any], candidates: list[nn.Module], sublayers: Iterable[nn.Module], blocks: Iterable[nn.Module]
+) -> tuple[set[int], Any]:
+    """Indices of ``candidates`` whose outputs reach a block's output other than through a sub-layer
+    during ``run()`` (one forward of the model), and what ``run`` returned."""
+    trace = _Marks()
+    live: set[int] = set()
+    handles = []
+
+    def enter(*_: Any) -> None:
+        trace.depth += 1
+
+    def leave(*_: Any) -> None:
+        trace.depth -= 1
+
+    for layer in sublayers:
+        handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+    for i, norm in enumerate(candidates):
+        handles.append(norm.register_forward_hook(lambda m, a, out, i=i: trace.mark(out, trace.of(out) | {i})))
+    for block in blocks:
+        handles.append(block.register_forward_hook(lambda m, a, out: live.update(trace.of(out))))
+    try:
+        with trace:
+            result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return live, result
