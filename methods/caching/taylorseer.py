@@ -12,13 +12,16 @@ version did): diffusers' forecast starts from a zero tensor and adds each order'
 separate multiply and add, five passes over every cached feature map per forecast at order 1,
 which on a small network took a tenth of the time a cache was meant to save
 (``benchmarks/cache_speedup.py``). Here a forecast is Horner's rule, one fused
-``torch.add(f_k, acc, alpha=offset / (k + 1))`` per order (one pass at order 1), and an update
-divides its differences in place. And on a forecast call the blocks' own pre-norms, whose outputs
+``torch.add(f_k, acc, alpha=offset / (k + 1))`` per order, and an update divides its differences in
+place. At order 1 (the default) an update forms no difference at all: it keeps the last two outputs
+and the forecast is one ``torch.lerp(F_prev, F, 1 + offset / delta)``, the same
+F + offset (F - F_prev) / delta in one pass, and none at the full call. And on a forecast call the blocks' own pre-norms, whose outputs
 only feed the forecast sub-layers, are not computed (:class:`DeadNormHook`): the paper's blocks skip
 them together with the layers they feed. Which norms those are is traced on the first call
 (:mod:`methods.caching.liveness`), not guessed from names: Wan's ``norm3`` feeds its ``ffn``, which
-an earlier version did not know as a sub-layer and left uncomputed, changing the samples. ``tests/test_caching.py`` checks the outputs against
-diffusers' hooks; ``tests/test_video_caches.py`` that skipping the norms changes no sample bit.
+an earlier version did not know as a sub-layer and left uncomputed, changing the samples.
+``tests/test_caching.py`` checks the outputs against diffusers' hooks; ``tests/test_video_caches.py``
+and ``tests/test_pipelines_video.py`` that skipping the norms changes no sample bit.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TaylorSeerHook(ModelHook):
 
     def reset_state(self, module: nn.Module | None) -> nn.Module | None:
         self.last: int | None = None
+        self.delta: int | None = None  # steps between the last two full calls
         self.factors: list[list[torch.Tensor]] = []  # per output: [F, dF, d2F, ...] (float32)
         self.dtypes: list[torch.dtype] = []
         self.tuple_out = False
@@ -77,17 +81,26 @@ class TaylorSeerHook(ModelHook):
         for i, f in enumerate(outs):
             new = [f.to(FACTOR_DTYPE)]
             prev = self.factors[i] if delta is not None and i < len(self.factors) else []
+            if self.order == 1:
+                if prev and prev[0].shape == new[0].shape:  # a changed shape restarts from order 0
+                    new.append(prev[0])  # order 1 keeps F and F_prev; the forecast forms the difference
+                factors.append(new)
+                continue
             for j in range(min(self.order, len(prev))):
                 if prev[j].shape != new[j].shape:
                     break  # a changed shape restarts the expansion from order 0
                 new.append((new[j] - prev[j]).div_(delta))
             factors.append(new)
         self.factors, self.dtypes, self.last = factors, [f.dtype for f in outs], step
+        self.delta = delta
 
     def forecast(self, step: int) -> Any:
         offset = step - self.last
         outs = []
         for fs, dtype in zip(self.factors, self.dtypes, strict=True):
+            if self.order == 1 and len(fs) == 2:  # F + o (F - F_prev) / delta in one pass
+                outs.append(torch.lerp(fs[1], fs[0], 1.0 + offset / self.delta).to(dtype))
+                continue
             acc = fs[-1]
             for k in range(len(fs) - 2, -1, -1):  # f_0 + o (f_1 + o/2 (f_2 + o/3 (...)))
                 acc = torch.add(fs[k], acc, alpha=offset / (k + 1))
