@@ -194,7 +194,8 @@ def test_taylorseer_equals_diffusers_taylorseer_hooks(tiny_flux, interval, order
 def test_norm_liveness_is_traced_through_the_operations_between_norm_and_block_output():
     """methods/caching/liveness.py on a toy block: norm a feeds only the attention sub-layer (through a
     modulation, a slice and a concatenation), norm b feeds the attention and also a plain linear
-    layer, norm c reaches the output directly: b and c are live, a is not; values are unchanged."""
+    layer, norm c reaches the output directly: b and c are live, a is not, and a's output meets
+    shape-dependent operations (a scalar could not stand in for it); values are unchanged."""
     from methods.caching.liveness import live_candidates
 
     class Block(nn.Module):
@@ -211,8 +212,9 @@ def test_norm_liveness_is_traced_through_the_operations_between_norm_and_block_o
 
     block = Block()
     x = torch.randn(2, 3, 4)
-    live, out = live_candidates(lambda: block(x), [block.a, block.b, block.c], [block.attn], [block])
+    live, shaped, out = live_candidates(lambda: block(x), [block.a, block.b, block.c], [block.attn], [block])
     assert live == {1, 2}
+    assert 0 in shaped and 2 not in shaped  # a's output is sliced and concatenated; c's only scaled and added
     assert torch.equal(out, block(x))
 
 

@@ -20,14 +20,29 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+# operations whose result does not depend on the shape of a marked input beyond broadcasting: a
+# candidate whose outputs meet only these (before a sub-layer takes them) may be replaced by a scalar
+SHAPE_FREE = frozenset(
+    {"add", "__add__", "__radd__", "add_", "__iadd__", "mul", "__mul__", "__rmul__", "mul_", "__imul__", "sub",
+     "__sub__", "__rsub__", "div", "__truediv__", "neg", "__neg__", "to", "float", "half", "bfloat16", "type_as",
+     "squeeze", "unsqueeze", "clone", "contiguous", "dtype", "device", "is_floating_point"}
+)  # fmt: skip
+
+
+def _name(func: Callable) -> str:
+    owner = getattr(func, "__self__", None)  # a property's getter: Tensor.shape.__get__ -> "shape"
+    return getattr(owner, "__name__", "") if func.__name__ == "__get__" else func.__name__
+
 
 class _Marks(TorchFunctionMode):
-    """Propagates sets of candidate indices from operation inputs to outputs, outside sub-layers."""
+    """Propagates sets of candidate indices from operation inputs to outputs, outside sub-layers, and
+    notes the candidates whose values meet an operation outside :data:`SHAPE_FREE`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.marks: dict[int, tuple[torch.Tensor, frozenset[int]]] = {}  # id -> (tensor kept alive, marks)
         self.depth = 0  # > 0 inside a sub-layer
+        self.shaped: set[int] = set()
 
     def of(self, obj: Any) -> frozenset[int]:
         out: frozenset[int] = frozenset()
@@ -48,14 +63,18 @@ class _Marks(TorchFunctionMode):
             marks = self.of((args, kwargs))
             if marks:
                 self.mark(out, marks | self.of(out))
+                if _name(func) not in SHAPE_FREE:
+                    self.shaped |= marks
         return out
 
 
 def live_candidates(
     run: Callable[[], Any], candidates: list[nn.Module], sublayers: Iterable[nn.Module], blocks: Iterable[nn.Module]
-) -> tuple[set[int], Any]:
-    """Indices of ``candidates`` whose outputs reach a block's output other than through a sub-layer
-    during ``run()`` (one forward of the model), and what ``run`` returned."""
+) -> tuple[set[int], set[int], Any]:
+    """During ``run()`` (one forward of the model): the indices of ``candidates`` whose outputs reach a
+    block's output other than through a sub-layer (live), those whose outputs meet an operation that
+    depends on their shape on the way (a Sana block unflattens its normed tokens into an image before
+    its convolutional MLP), and what ``run`` returned."""
     trace = _Marks()
     live: set[int] = set()
     handles = []
@@ -78,4 +97,4 @@ def live_candidates(
     finally:
         for h in handles:
             h.remove()
-    return live, result
+    return live, trace.shaped, result

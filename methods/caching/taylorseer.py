@@ -113,7 +113,9 @@ class DeadNormHook(ModelHook):
     sub-layers being forecast (``dead``, traced on the first call by :class:`NormLivenessHook`): on a
     forecast call nothing reads it, so it returns a zero scalar in its place. The block's modulation
     of it (``norm * (1 + scale) + shift``) then costs a (B, 1, D) tensor instead of two passes over
-    the hidden states, and the forecast sub-layer ignores what it is given. The paper's blocks skip
+    the hidden states, and the forecast sub-layer ignores what it is given. Where the block reshapes
+    the norm's output on its way to the sub-layer (Sana), the trace says so and the uncomputed input
+    stands in instead, with the right shape. The paper's blocks skip
     these norms with the layers they feed; diffusers' hooks on the sub-layers alone compute them on
     every call. ``tests/test_video_caches.py`` and ``tests/test_pipelines_video.py`` check the
     samples are bit-identical with and without these hooks on Latte, Wan, LTX, CogVideoX and
@@ -123,12 +125,13 @@ class DeadNormHook(ModelHook):
         super().__init__()
         self.state_manager = state
         self.dead = False  # until the trace shows it
+        self.scalar = False  # a zero scalar may stand in (else the input does, uncomputed)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.state_manager.get_state().full or not self.dead:
             return self.fn_ref.original_forward(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
-        return x.new_zeros(())
+        return x.new_zeros(()) if self.scalar else x
 
 
 class NormLivenessHook(ModelHook):
@@ -147,15 +150,23 @@ class NormLivenessHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.traced:
             return self.fn_ref.original_forward(*args, **kwargs)
-        live, out = live_candidates(lambda: self.fn_ref.original_forward(*args, **kwargs), self.norms, self.layers, self.blocks)
-        LIVE[module] = frozenset(live)
-        for i, hook in enumerate(self.hooks):
-            hook.dead = i not in live
+        live, shaped, out = live_candidates(
+            lambda: self.fn_ref.original_forward(*args, **kwargs), self.norms, self.layers, self.blocks
+        )
+        LIVE[module] = (frozenset(live), frozenset(shaped))
+        settle(self.hooks, LIVE[module])
         self.traced = True
         return out
 
 
-LIVE: WeakKeyDictionary[nn.Module, frozenset[int]] = WeakKeyDictionary()  # network -> its live candidate norms
+# network -> (its live candidate norms, those whose outputs meet shape-dependent operations)
+LIVE: WeakKeyDictionary[nn.Module, tuple[frozenset[int], frozenset[int]]] = WeakKeyDictionary()
+
+
+def settle(hooks: list[DeadNormHook], traced: tuple[frozenset[int], frozenset[int]]) -> None:
+    live, shaped = traced
+    for i, hook in enumerate(hooks):
+        hook.dead, hook.scalar = i not in live, i not in shaped
 
 
 def dead_norms(model: nn.Module) -> list[nn.Module]:
@@ -197,8 +208,7 @@ class TaylorSeer(CacheAdapter):
             for norm, hook in zip(norms, hooks, strict=True):
                 register(norm, hook, NORM_HOOK)
             if model in LIVE:
-                for i, hook in enumerate(hooks):
-                    hook.dead = i not in LIVE[model]
+                settle(hooks, LIVE[model])
             else:
                 blocks = [b for _, b in block_lists(model)]
                 register(model, NormLivenessHook(norms, hooks, layers, blocks), LIVENESS_HOOK)
