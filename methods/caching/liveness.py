@@ -12,6 +12,7 @@ exactly what it would untraced.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,21 +41,22 @@ class _Marks(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.marks: dict[int, tuple[torch.Tensor, frozenset[int]]] = {}  # id -> (tensor kept alive, marks)
+        # id -> (weak reference, marks): a weak one, so that the trace keeps no activation alive
+        self.marks: dict[int, tuple[weakref.ref, frozenset[int]]] = {}
         self.depth = 0  # > 0 inside a sub-layer
         self.shaped: set[int] = set()
 
     def of(self, obj: Any) -> frozenset[int]:
         out: frozenset[int] = frozenset()
         for t in tree_leaves(obj):
-            if torch.is_tensor(t) and id(t) in self.marks and self.marks[id(t)][0] is t:
+            if torch.is_tensor(t) and id(t) in self.marks and self.marks[id(t)][0]() is t:
                 out |= self.marks[id(t)][1]
         return out
 
     def mark(self, obj: Any, marks: frozenset[int]) -> None:
         for t in tree_leaves(obj):
             if torch.is_tensor(t):
-                self.marks[id(t)] = (t, marks)
+                self.marks[id(t)] = (weakref.ref(t), marks)
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
