@@ -52,12 +52,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def gmm(prediction: str = "eps"):
     return build_model("gmm", dim=2, prediction=prediction)
 

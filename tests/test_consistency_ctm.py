@@ -28,12 +28,6 @@ TINY = {"train_steps": 1, "batch_size": 4}
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def one_thread():
     """Training an MLP on 2-D points: one torch thread is faster, and far faster on a busy machine."""
     n = torch.get_num_threads()

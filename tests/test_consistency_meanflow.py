@@ -31,12 +31,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def mf_job(steps: int, method: str = "meanflow", model: ModelSpec = GMM, n: int = 256, bs: int = 256, **knobs) -> Job:
     k = tuple(sorted(METHODS.get(method).resolve_knobs({**TINY, **knobs}).items()))
     return Job(model, method, k, steps, 1.0, 0, n, bs)

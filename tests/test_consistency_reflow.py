@@ -37,12 +37,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def job(method: str, steps: int, knobs: dict, model: ModelSpec = GMM, n: int = 256, bs: int = 256, w: float = 1.0) -> Job:
     k = tuple(sorted(METHODS.get(method).resolve_knobs(knobs).items()))
     return Job(model, method, k, steps, w, 0, n, bs)

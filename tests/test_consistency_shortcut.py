@@ -31,12 +31,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def sc_job(steps: int, model: ModelSpec = GMM, n: int = 256, bs: int = 256, guidance: float = 1.0, **knobs) -> Job:
     k = tuple(sorted(METHODS.get("shortcut").resolve_knobs({**TINY, **knobs}).items()))
     return Job(model, "shortcut", k, steps, guidance, 0, n, bs)

@@ -37,12 +37,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def dmd_job(model: ModelSpec = GMM, guidance: float = 1.0, n: int = 256, bs: int = 256, **knobs) -> Job:
     k = tuple(sorted(METHODS.get("dmd").resolve_knobs({**TINY, **knobs}).items()))
     return Job(model, "dmd", k, 1, guidance, 0, n, bs)

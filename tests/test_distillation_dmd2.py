@@ -44,12 +44,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def dmd2_job(steps: int, model: ModelSpec = GMM, guidance: float = 1.0, n: int = 256, bs: int = 256, **knobs) -> Job:
     k = tuple(sorted(METHODS.get("dmd2").resolve_knobs({**TINY, **knobs}).items()))
     return Job(model, "dmd2", k, steps, guidance, 0, n, bs)

@@ -24,12 +24,6 @@ from bench.suite import Job, ModelSpec
 from bench.worker import run_job
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 @pytest.fixture(scope="module")
 def dit():
     return build_model("digits-dit")

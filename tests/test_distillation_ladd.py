@@ -30,12 +30,6 @@ from methods.distillation.ladd import (
 TINY = {"pairs": 16, "teacher_steps": 2, "train_steps": 2, "batch_size": 4}
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 @pytest.fixture(scope="module")
 def unet():
     return build_model("digits-unet")

@@ -25,12 +25,6 @@ from bench.worker import run_job
 GMM = ModelSpec("gmm", {"dim": 2, "prediction": "eps"})
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 class LinearEps(nn.Module):
     """A toy eps teacher: eps_hat(z) = k z."""
 

@@ -25,12 +25,6 @@ GMM = ModelSpec("gmm", {"dim": 2, "prediction": "eps"})
 TINY = {"train_steps": 3, "batch_size": 16, "lr": 1e-3, "fake_lr": 1e-3}
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def gauss_x0(x_t, a, s, mu, sd):
     """E[x0 | x_t] for x0 ~ N(mu, sd^2), x_t = a x0 + s eps (per dimension)."""
     return mu + a * sd**2 * (x_t - a * mu) / (a**2 * sd**2 + s**2)

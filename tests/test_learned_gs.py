@@ -33,12 +33,6 @@ from methods.solvers.dpmpp_2m import sample_dpmpp_2m
 TINY = {"pairs": 64, "teacher_steps": 10, "train_steps": 30, "batch_size": 16, "lr": 2e-2}
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 class Reparam(nn.Module):
     """The gmm's exact network read out as a v or x0 prediction (to run every model kind)."""
 

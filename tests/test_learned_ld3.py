@@ -19,12 +19,6 @@ from methods.learned_solvers.gs import base_grid
 TINY = {"pairs": 64, "teacher_steps": 10, "train_steps": 30, "train_samples": 40, "valid_samples": 20}
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def test_project_ball():
     c = torch.zeros(3, 2, dtype=torch.float64)
     x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, -2.0]], dtype=torch.float64)

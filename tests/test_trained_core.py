@@ -41,12 +41,6 @@ def kd_job(model: ModelSpec = GMM, guidance: float = 1.0, n: int = 64, bs: int =
     return Job(model, "kd", k, 1, guidance, 0, n, bs)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 # --- the harness counts on the prepared denoiser ---------------------------------------------------
 
 

@@ -60,7 +60,8 @@ class TaylorSeerHook(ModelHook):
     def reset_state(self, module: nn.Module | None) -> nn.Module | None:
         self.last: int | None = None
         self.delta: int | None = None  # steps between the last two full calls
-        self.factors: list[list[torch.Tensor]] = []  # per output: [F, dF, d2F, ...] (float32)
+        # per output (float32): [F, dF, d2F, ...]; at order 1 [F, F_prev], the forecast forms the difference
+        self.factors: list[list[torch.Tensor]] = []
         self.dtypes: list[torch.dtype] = []
         self.tuple_out = False
         return module
@@ -81,15 +82,10 @@ class TaylorSeerHook(ModelHook):
         for i, f in enumerate(outs):
             new = [f.to(FACTOR_DTYPE)]
             prev = self.factors[i] if delta is not None and i < len(self.factors) else []
-            if self.order == 1:
-                if prev and prev[0].shape == new[0].shape:  # a changed shape restarts from order 0
-                    new.append(prev[0])  # order 1 keeps F and F_prev; the forecast forms the difference
-                factors.append(new)
-                continue
             for j in range(min(self.order, len(prev))):
                 if prev[j].shape != new[j].shape:
                     break  # a changed shape restarts the expansion from order 0
-                new.append((new[j] - prev[j]).div_(delta))
+                new.append(prev[0] if self.order == 1 else (new[j] - prev[j]).div_(delta))
             factors.append(new)
         self.factors, self.dtypes, self.last = factors, [f.dtype for f in outs], step
         self.delta = delta
@@ -115,9 +111,8 @@ class DeadNormHook(ModelHook):
     of it (``norm * (1 + scale) + shift``) then costs a (B, 1, D) tensor instead of two passes over
     the hidden states, and the forecast sub-layer ignores what it is given. Where the block reshapes
     the norm's output on its way to the sub-layer (Sana), the trace says so and the uncomputed input
-    stands in instead, with the right shape. The paper's blocks skip
-    these norms with the layers they feed; diffusers' hooks on the sub-layers alone compute them on
-    every call. ``tests/test_video_caches.py`` and ``tests/test_pipelines_video.py`` check the
+    stands in instead, with the right shape. The paper's blocks skip these norms with the layers they
+    feed; diffusers' hooks on the sub-layers alone compute them on every call. ``tests/test_video_caches.py`` and ``tests/test_pipelines_video.py`` check the
     samples are bit-identical with and without these hooks on Latte, Wan, LTX, CogVideoX and
     HunyuanVideo blocks."""
 
