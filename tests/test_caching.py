@@ -153,6 +153,38 @@ def test_taylorseer_forecasts_sublayer_outputs_by_taylor_expansion(tiny_flux, or
     torch.testing.assert_close(seen[3], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_taylorseer_reuses_its_factor_buffers_across_runs(tiny_flux, order):
+    """On the CPU the factors live in per-sub-layer buffers allocated once: a second run writes into
+    the same memory and gives the same outputs bit for bit; a new shape gets buffers of its own."""
+    from methods.caching.fora import sublayers
+    from methods.caching.taylorseer import BUFFERS
+
+    m = tiny_flux
+    args = [flux_args(m, s) for s in range(7)]
+    ad = METHODS.get("taylorseer")(interval=2, order=order, warmup=2)
+    layers = list(sublayers(m).values())
+
+    def pointers() -> set[int]:
+        return {b.data_ptr() for layer in layers for bufs in BUFFERS[layer].values() for b in bufs}
+
+    for layer in layers:  # (earlier tests' buffers for this network)
+        BUFFERS.pop(layer, None)
+    first, _ = calls(m, ad, args)
+    held = pointers()
+    assert len(held) == (order + 1) * sum(len(BUFFERS[layer]) for layer in layers) > 0
+    second, _ = calls(m, ad, args)
+    assert pointers() == held
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a[0], b[0])
+    fewer = [flux_args(m, s) for s in range(7)]
+    for _, kw in fewer:  # one sample instead of two: other shapes, other buffers
+        for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"):
+            kw[k] = kw[k][:1]
+    calls(m, ad, fewer)
+    assert held < pointers()
+
+
 @pytest.mark.parametrize(("interval", "order", "warmup"), [(3, 1, 3), (2, 2, 1), (4, 0, 2), (2, 3, 2)])
 def test_taylorseer_equals_diffusers_taylorseer_hooks(tiny_flux, interval, order, warmup):
     """bench's TaylorSeer hooks (Horner forecast) give diffusers' apply_taylorseer_cache outputs and schedule."""

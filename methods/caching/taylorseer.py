@@ -15,7 +15,9 @@ which on a small network took a tenth of the time a cache was meant to save
 ``torch.add(f_k, acc, alpha=offset / (k + 1))`` per order, and an update divides its differences in
 place. At order 1 (the default) an update forms no difference at all: it keeps the last two outputs
 and the forecast is one ``torch.lerp(F_prev, F, 1 + offset / delta)``, the same
-F + offset (F - F_prev) / delta in one pass, and none at the full call. And on a forecast call the blocks' own pre-norms, whose outputs
+F + offset (F - F_prev) / delta in one pass, and none at the full call. On the CPU the factors are
+kept in buffers allocated once per network and reused by later runs (:func:`buffers`: fresh ones
+fragmented malloc's heap, so every run faulted in a new copy of them). And on a forecast call the blocks' own pre-norms, whose outputs
 only feed the forecast sub-layers, are not computed (:class:`DeadNormHook`): the paper's blocks skip
 them together with the layers they feed. Which norms those are is traced on the first call
 (:mod:`methods.caching.liveness`), not guessed from names: Wan's ``norm3`` feeds its ``ffn``, which
@@ -70,22 +72,30 @@ class TaylorSeerHook(ModelHook):
         s = self.state_manager.get_state()
         if s.full or self.last is None:
             out = self.fn_ref.original_forward(*args, **kwargs)
-            self.update(out, s.call)
+            self.update(module, out, s.call)
             return out
         return self.forecast(s.call)
 
-    def update(self, out: Any, step: int) -> None:
+    def update(self, module: nn.Module, out: Any, step: int) -> None:
         self.tuple_out = not torch.is_tensor(out)
         outs = tuple(out) if self.tuple_out else (out,)
         delta = None if self.last is None else step - self.last
         factors = []
         for i, f in enumerate(outs):
-            new = [f.to(FACTOR_DTYPE)]
             prev = self.factors[i] if delta is not None and i < len(self.factors) else []
-            for j in range(min(self.order, len(prev))):
-                if prev[j].shape != new[j].shape:
-                    break  # a changed shape restarts the expansion from order 0
-                new.append(prev[0] if self.order == 1 else (new[j] - prev[j]).div_(delta))
+            valid = 0  # how many of the previous factors continue (a changed shape restarts from order 0)
+            while valid < min(self.order, len(prev)) and prev[valid].shape == f.shape:
+                valid += 1
+            bufs = buffers(module, i, f, self.order + 1)
+            if self.order == 1:  # [F, F_prev]: F goes to the buffer not holding the current F
+                slot = bufs[1] if valid and prev[0] is bufs[0] else bufs[0]
+                factors.append([keep(slot, f)] + prev[:valid])
+                continue
+            new, t = [], f
+            for j in range(valid + 1):  # F, then each difference from the previous factor of its order
+                nxt = (t.to(FACTOR_DTYPE) - prev[j]).div_(delta) if j < valid else None
+                new.append(keep(bufs[j], t))
+                t = nxt
             factors.append(new)
         self.factors, self.dtypes, self.last = factors, [f.dtype for f in outs], step
         self.delta = delta
@@ -102,6 +112,33 @@ class TaylorSeerHook(ModelHook):
                 acc = torch.add(fs[k], acc, alpha=offset / (k + 1))
             outs.append(acc.to(dtype, copy=len(fs) == 1))  # order 0: a copy, never the stored factor itself
         return tuple(outs) if self.tuple_out else outs[0]
+
+
+# sub-layer -> (output index, shape) -> its factor buffers, kept across sampler runs (CPU only)
+BUFFERS: WeakKeyDictionary[nn.Module, dict[tuple[int, torch.Size], list[torch.Tensor]]] = WeakKeyDictionary()
+
+
+def buffers(module: nn.Module, index: int, like: torch.Tensor, n: int) -> list[torch.Tensor | None]:
+    """Where a sub-layer's Taylor factors are kept. On the CPU: ``n`` float32 buffers per output and
+    shape, allocated once per network and reused by every later run. A factor outlives the calls
+    between two full passes, so when each was a fresh tensor, the blocks freed around it could not
+    be joined again and malloc's heap grew by the whole factor set (120 MB on the video teacher) on
+    run after run, every page of it faulting in on first touch: TaylorSeer's runs took a quarter
+    longer (``benchmarks/cache_speedup.py`` counts the warm-up runs until no page faults). Elsewhere
+    (CUDA's caching allocator reuses its blocks) the factors stay fresh tensors (``None`` here)."""
+    if like.device.type != "cpu":
+        return [None] * n
+    per = BUFFERS.setdefault(module, {})
+    key = (index, like.shape)
+    if key not in per or len(per[key]) < n:
+        per[key] = [torch.empty(like.shape, dtype=FACTOR_DTYPE) for _ in range(n)]
+    return per[key]
+
+
+def keep(buf: torch.Tensor | None, f: torch.Tensor) -> torch.Tensor:
+    """``f`` in float32, written into ``buf`` where there is one (a copy either way unless ``f`` is
+    already float32 and there is no buffer)."""
+    return f.to(FACTOR_DTYPE) if buf is None else buf.copy_(f)
 
 
 class DeadNormHook(ModelHook):
