@@ -237,3 +237,23 @@ def test_bootstrap_interval_stays_inside_the_statistics_support():
     metric = MetricFn("is_test", lambda ctx: inception_score_statistic(probs))
     v = metric(MetricContext(torch.zeros(100), None, None, bootstrap=50, seed=0))
     assert v.value == pytest.approx(10.0) and v.ci_high <= 10.0 and v.ci_low < 10.0
+
+
+def test_digits_features_do_not_depend_on_the_callers_thread_count():
+    """The digits feature space computes on one thread whatever the caller set: at two threads the
+    CPU convolutions sum in another order (features about 1e-5 apart), and the per-process
+    reference statistics made a driver and a Ray worker score the same samples differently."""
+    from bench.data import digits
+    from bench.metrics.digits import features_and_probs
+
+    x = digits("heldout")[0][:600]
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = features_and_probs(x)
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+        torch.set_num_threads(1)
+        b = features_and_probs(x)
+    finally:
+        torch.set_num_threads(saved)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

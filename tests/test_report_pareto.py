@@ -148,6 +148,20 @@ def test_default_reference_is_highest_nfe_free_solver_at_common_guidance():
     assert refs["m"].rule.startswith("rule:")
 
 
+def test_scores_a_rounding_apart_tie_and_the_method_name_decides():
+    """Two solvers that are one algorithm on a model score alike up to the last bits, which differ
+    from machine to machine: within 1e-9 of each other the reference goes by method name."""
+    q = 0.018702981500862664
+    rows = [
+        ("m", "euler", "solver", "free", 8, 1.0, 8, 0.010, 1e9, q),
+        ("m", "ddim", "solver", "free", 8, 1.0, 8, 0.011, 1e9, q * (1 + 1e-12)),  # worse by a rounding
+    ]
+    ok = table(rows)
+    assert ok.loc[choose_references(ok, "fid")["m"].index, "method"] == "ddim"
+    ok.loc[ok["method"] == "ddim", "fid"] = q * (1 + 1e-6)  # worse by more than rounding: quality decides
+    assert ok.loc[choose_references(ok, "fid")["m"].index, "method"] == "euler"
+
+
 def test_tied_guidance_scales_go_to_the_better_quality():
     rows = [
         ("m", "ddim", "solver", "free", 20, 1.0, 20, 0.02, 2e9, 0.3),
