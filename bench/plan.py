@@ -24,8 +24,6 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +36,12 @@ from bench.runner import plan_jobs
 from bench.seeds import generators, noise
 from bench.store import JobStore
 from bench.suite import Job, Suite, expand
+from bench.threads import torch_threads
 from bench.worker import ModelCache
 
 
 def _cfg_rows(job: Job, bundle: Any) -> int:
     return bundle.denoiser.rows_per_sample(job.guidance, bundle.num_classes is not None)
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def probe_nfe(job: Job, bundle: Any, device: str, artifacts: dict[str, Any] | None = None) -> float:
@@ -66,7 +55,7 @@ def probe_nfe(job: Job, bundle: Any, device: str, artifacts: dict[str, Any] | No
     z = noise(gens, bundle.sample_shape, bundle.dtype, device)
     cond = torch.zeros(1, dtype=torch.long, device=device) if bundle.num_classes is not None else None
     den = prepared.denoiser
-    with ForwardCounter(den.net) as counter, torch.no_grad(), _torch_threads(1):
+    with ForwardCounter(den.net) as counter, torch.no_grad(), torch_threads(1):
         prepared(z, cond, job.guidance, gens)
     return counter.rows / den.rows_per_sample(job.guidance, bundle.num_classes is not None)
 
@@ -190,7 +179,7 @@ def plan_suite(
         if probe:
             key = (job.model.label, cfg == 2)
             if key not in call_s:
-                with _torch_threads(n_threads):  # as the run's workers will
+                with torch_threads(n_threads):  # as the run's workers will
                     call_s[key] = probe_call_seconds(bundle, bs, cfg == 2, dev)
             warm = suite.warmup * min(suite.warmup_batch or bs, bs) / bs  # warm-up calls, in full batches
             est_s = nfe * (batches - suite.warmup + warm) * call_s[key]
@@ -214,7 +203,7 @@ def plan_suite(
         bundle = models.get(job)
         est = None
         if found is None and probe:
-            with _torch_threads(n_threads):
+            with torch_threads(n_threads):
                 row_s = probe_call_seconds(bundle, 16, False, dev) / 16
             b = spec.budget
             est = (

@@ -7,8 +7,8 @@ For each cache configuration, on one batch of the model's seeds: the FLOPs of a 
 with the cache and without it (``bench.accounting.flops_of``, as the harness counts them), the
 fraction of cache units computed, and the wall time of the two runs, timed in alternation
 (uncached, cached, uncached, ...; ``--pairs`` pairs after untimed runs of each until neither faults
-in fresh memory, :func:`warm_up`) so both see the same machine. It prints, per cache: FLOPs-implied speedup = uncached FLOPs / cached FLOPs,
-measured speedup = median uncached time / median cached time, and their ratio (1 = the clock
+in fresh memory, :func:`warm_up`) so both see the same machine. It prints, per cache: FLOPs-implied
+speedup = uncached FLOPs / cached FLOPs, measured speedup = median uncached time / median cached time, and their ratio (1 = the clock
 delivers what the FLOPs promise), with the spread of the per-pair ratios. With ``--threads 1`` it
 also gives the ratio by the sampling thread's CPU time (``time.thread_time``; torch runs its ops
 in the calling thread then), which other processes on the machine do not inflate: the median of the
@@ -141,9 +141,10 @@ def faults() -> int:
 
 def warm_up(plain: Callable[[], object], cached: Callable[[], object], most: int = 10) -> int:
     """Untimed runs of both until neither touches fresh memory (``most`` at most); how many it took.
-    A cache keeps features alive from call to call, so malloc's heap grows by that much on each of
-    its first few runs before freed blocks fit again (about 120 MB a run for TaylorSeer on the video
-    teacher, four runs); timed then, its runs pay for page faults an ongoing process no longer pays."""
+    A cache keeps features alive from call to call, so malloc's heap can grow on its first few runs
+    before freed blocks fit again (FirstBlockCache and PAB on the video teacher: four to five runs;
+    TaylorSeer, before its buffers, never settled); timed then, its runs would pay for page faults
+    an ongoing process no longer pays."""
     for i in range(1, most + 1):
         before = faults()
         plain(), cached()

@@ -3,8 +3,6 @@ FID and KID (as clean-fid computes them), precision/recall, Inception Score, cla
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -23,6 +21,7 @@ from bench.metrics.formulas import (
 )
 from bench.metrics.refs import FeatureSpace, load, note_reference, register_space, sha_file
 from bench.paths import ASSETS
+from bench.threads import torch_threads
 
 FEATURES = "digits-features (committed: bench/assets/digits-features.safetensors)"
 REFERENCE = "digits-train"  # the default reference set; a suite's `reference_set` may choose digits-heldout
@@ -47,16 +46,6 @@ def classifier() -> torch.nn.Module:
     return digits_classifier()
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 @torch.no_grad()
 def _raw_features_and_probs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """On one intra-op thread whatever the caller's: the CPU convolutions sum in another order with
@@ -66,7 +55,7 @@ def _raw_features_and_probs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarra
     net = classifier()
     x = images.float().clamp(-1, 1)
     feats, probs = [], []
-    with _one_thread():
+    with torch_threads(1):
         for chunk in x.split(512):
             f = net.features(chunk)
             feats.append(f)

@@ -17,8 +17,8 @@ place. At order 1 (the default) an update forms no difference at all: it keeps t
 and the forecast is one ``torch.lerp(F_prev, F, 1 + offset / delta)``, the same
 F + offset (F - F_prev) / delta in one pass, and none at the full call. On the CPU the factors are
 kept in buffers allocated once per network and reused by later runs (:func:`buffers`: fresh ones
-fragmented malloc's heap, so every run faulted in a new copy of them). And on a forecast call the blocks' own pre-norms, whose outputs
-only feed the forecast sub-layers, are not computed (:class:`DeadNormHook`): the paper's blocks skip
+fragmented malloc's heap, so every run faulted in a new copy of them). And on a forecast call the
+blocks' own pre-norms, whose outputs only feed the forecast sub-layers, are not computed (:class:`DeadNormHook`): the paper's blocks skip
 them together with the layers they feed. Which norms those are is traced on the first call
 (:mod:`methods.caching.liveness`), not guessed from names: Wan's ``norm3`` feeds its ``ffn``, which
 an earlier version did not know as a sub-layer and left uncomputed, changing the samples.
@@ -123,7 +123,7 @@ def buffers(module: nn.Module, index: int, like: torch.Tensor, n: int) -> list[t
     shape, allocated once per network and reused by every later run. A factor outlives the calls
     between two full passes, so when each was a fresh tensor, the blocks freed around it could not
     be joined again and malloc's heap grew by the whole factor set (120 MB on the video teacher) on
-    run after run, every page of it faulting in on first touch: TaylorSeer's runs took a quarter
+    run after run, every page of it faulting in on first touch: TaylorSeer's runs took a fifth
     longer (``benchmarks/cache_speedup.py`` counts the warm-up runs until no page faults). Elsewhere
     (CUDA's caching allocator reuses its blocks) the factors stay fresh tensors (``None`` here)."""
     if like.device.type != "cpu":
@@ -149,8 +149,8 @@ class DeadNormHook(ModelHook):
     the hidden states, and the forecast sub-layer ignores what it is given. Where the block reshapes
     the norm's output on its way to the sub-layer (Sana), the trace says so and the uncomputed input
     stands in instead, with the right shape. The paper's blocks skip these norms with the layers they
-    feed; diffusers' hooks on the sub-layers alone compute them on every call. ``tests/test_video_caches.py`` and ``tests/test_pipelines_video.py`` check the
-    samples are bit-identical with and without these hooks on Latte, Wan, LTX, CogVideoX and
+    feed; diffusers' hooks on the sub-layers alone compute them on every call.
+    ``tests/test_video_caches.py`` and ``tests/test_pipelines_video.py`` check the samples are bit-identical with and without these hooks on Latte, Wan, LTX, CogVideoX and
     HunyuanVideo blocks."""
 
     def __init__(self, state: StateManager) -> None:
